@@ -1,0 +1,518 @@
+"""The margin softmax engine every classification head uses.
+
+Every head in :mod:`marginloss.heads` computes the same thing: non-target logits that are a
+scaled dot product of (optionally normalised) embeddings and (optionally normalised)
+class weights, and one target logit per row that goes through the head's margin
+transform.  :func:`margin_softmax_loss` computes that loss either
+
+* with plain autograd (``chunk_size=None``), materialising the ``[B, C]`` logits, or
+* with a chunked :class:`torch.autograd.Function` that walks the classes in chunks and never
+  holds more than one ``[B, chunk]`` block: it keeps an O(B) running log-sum-exp, normalises
+  weight rows on the fly (no normalised copy of the weight), and in backward recomputes each
+  chunk and writes ``weight.grad`` rows directly through the normalisation's Jacobian.
+
+Both paths compute the margin on the target column only, from the gathered target rows
+``weight[labels]`` (O(B·D)), so no ``acos``/``cos`` touches the full matrix.  The loss is
+assembled from three O(B) quantities per row (see :func:`_row_loss`), which is also what
+the class-sharded heads in :mod:`marginloss.distributed` all-reduce.
+
+Numerics: normalisation, margin, log-sum-exp and loss run in at least float32; only the
+GEMMs follow ``torch.autocast``.  Softmax probabilities whose gradient contribution would
+be a subnormal float are set to exactly zero before the backward GEMMs, because subnormal
+operands slow CPU GEMMs down by more than an order of magnitude and carry no information
+at that precision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from marginloss import _validation as V
+
+__all__ = ["TargetFn", "default_chunk_size", "margin_softmax_loss"]
+
+TargetFn = Callable[[Tensor], Tensor]
+"""A head's target transform: ``cos_target [B] -> f(cos_target) [B]`` (differentiable)."""
+
+ChunkSize = Union[int, str, None]
+
+_NORM_EPS = 1e-12
+_REDUCTIONS = ("mean", "sum", "none")
+# One [B, chunk] float32 block of this many elements (4 MiB) stays cache-friendly while
+# keeping each GEMM large enough to run near peak.
+_AUTO_BLOCK_ELEMENTS = 1 << 20
+_MIN_AUTO_CHUNK = 256
+
+
+def default_chunk_size(batch_size: int, num_classes: int) -> int:
+    """The class-chunk width ``chunk_size="auto"`` picks for a batch and class count.
+
+    Chooses ``2**20 / batch_size`` classes (a 4 MiB float32 block), at least 256 and at
+    most ``num_classes``.
+
+    Examples
+    --------
+    >>> default_chunk_size(256, 100_000)
+    4096
+    >>> default_chunk_size(256, 1000)
+    1000
+    """
+    chunk = max(_MIN_AUTO_CHUNK, _AUTO_BLOCK_ELEMENTS // max(batch_size, 1))
+    return max(1, min(chunk, num_classes))
+
+
+# ---------------------------------------------------------------- shared O(B) math
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _gemm_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type) and compute_dtype == torch.float32:
+        return torch.get_autocast_dtype(device.type)
+    return compute_dtype
+
+
+def _target_cos_radius(
+    embeddings: Tensor,
+    weight_rows: Tensor,
+    scale: float,
+    normalize_embeddings: bool,
+    normalize_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """cos θ between each embedding and its target weight row, and the logit radius.
+
+    The target logit of every head is ``radius * f(cos)`` with
+    ``radius = scale * (1 or ‖x‖) * (1 or ‖w_y‖)``.
+    """
+    x_norm = embeddings.norm(dim=1)
+    w_norm = weight_rows.norm(dim=1)
+    dot = (embeddings * weight_rows).sum(dim=1)
+    cos = (dot / (x_norm.clamp_min(_NORM_EPS) * w_norm.clamp_min(_NORM_EPS))).clamp(-1.0, 1.0)
+    radius = torch.full_like(cos, scale)
+    if not normalize_embeddings:
+        radius = radius * x_norm
+    if not normalize_weight:
+        radius = radius * w_norm
+    return cos, radius
+
+
+def _row_loss(
+    lse_rest: Tensor,
+    sum_rest: Tensor | None,
+    target_logit: Tensor,
+    num_classes: int,
+    label_smoothing: float,
+) -> Tensor:
+    r"""Per-row cross entropy from O(B) parts.
+
+    With :math:`r_i = \log\sum_{j\ne y_i} e^{z_{ij}}`, :math:`S_i = \sum_{j\ne y_i} z_{ij}`,
+    target logit :math:`t_i` and smoothing :math:`\varepsilon`,
+
+    .. math::
+        \ell_i = \operatorname{softplus}(r_i - t_i) + \varepsilon t_i
+                 - \tfrac{\varepsilon}{C}(S_i + t_i),
+
+    which equals ``torch.nn.functional.cross_entropy`` with ``label_smoothing=ε`` but keeps
+    full precision when :math:`p_{y}\to 1` (its target gradient is
+    :math:`-\sigma(r_i - t_i)`, never ``p - 1`` rounded).
+    """
+    diff = lse_rest - target_logit
+    loss = torch.logaddexp(diff, torch.zeros_like(diff))
+    if label_smoothing > 0.0:
+        assert sum_rest is not None  # internal invariant, not user input
+        loss = loss + label_smoothing * target_logit
+        loss = loss - (label_smoothing / num_classes) * (sum_rest + target_logit)
+    return loss
+
+
+def _reduce(row_loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    # Mean over non-ignored rows as torch.nn.CrossEntropyLoss does; an all-ignored batch
+    # gives 0 (torch gives NaN) so padded distributed shards stay finite.
+    return total / valid.sum().clamp_min(1).to(row_loss.dtype)
+
+
+# ---------------------------------------------------------------- plain path
+
+
+def _plain_parts(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    scale: float,
+    normalize_embeddings: bool,
+    normalize_weight: bool,
+    need_sum: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``lse_rest`` and ``sum_rest`` with plain autograd over the full ``[B, C]`` logits."""
+    compute = _compute_dtype(embeddings, weight)
+    gemm = _gemm_dtype(embeddings.device, compute)
+    x = embeddings.to(compute)
+    w = weight.to(compute)
+    if normalize_embeddings:
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    if normalize_weight:
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    with torch.autocast(embeddings.device.type, enabled=False):
+        logits = (x.to(gemm) @ w.to(gemm).T).to(compute) * scale
+    target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    lse_rest = logits.masked_fill(target, -math.inf).logsumexp(dim=1)
+    sum_rest = logits.masked_fill(target, 0.0).sum(dim=1) if need_sum else None
+    return lse_rest, sum_rest
+
+
+# ---------------------------------------------------------------- chunked path
+
+
+def _chunk_logits(
+    xs: Tensor,
+    weight_chunk: Tensor,
+    normalize_weight: bool,
+    compute: torch.dtype,
+) -> tuple[Tensor, Tensor | None]:
+    """``[B, n]`` logits of one class chunk (``xs`` already scaled) and the rows' 1/‖w‖."""
+    logits = torch.mm(xs, weight_chunk.to(xs.dtype).T)
+    if logits.dtype != compute:
+        logits = logits.to(compute)
+    if not normalize_weight:
+        return logits, None
+    inv_norm = weight_chunk.to(compute).norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
+    return logits.mul_(inv_norm), inv_norm
+
+
+def _local_target(labels: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
+    local = labels - start
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1)[:, None], inside[:, None]
+
+
+def _chunk_forward(
+    logits: Tensor, labels: Tensor, start: int, need_sum: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Masked log-sum-exp (and sum) of one chunk's logits; the target column is excluded.
+
+    Overwrites ``logits``.  Fixed shapes, no host synchronisation: compilable as is.
+    """
+    local, inside = _local_target(labels, start, logits.shape[1])
+    at_target = logits.gather(1, local)
+    chunk_sum = None
+    if need_sum:
+        chunk_sum = logits.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1)
+    logits.scatter_(1, local, torch.where(inside, -math.inf, at_target))
+    row_max = logits.amax(dim=1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    shifted = logits.sub_(row_max)
+    # exp() of anything below log(tiny) would be subnormal: make it an exact zero instead.
+    shifted.masked_fill_(shifted < math.log(torch.finfo(logits.dtype).tiny), -math.inf)
+    lse = shifted.exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
+    return lse, chunk_sum
+
+
+def _chunk_grad_logits(
+    logits: Tensor,
+    labels: Tensor,
+    start: int,
+    lse_rest: Tensor,
+    grad_lse: Tensor,
+    log_cutoff: Tensor,
+    grad_sum: Tensor | None,
+) -> Tensor:
+    """dL/dlogits of one chunk: ``softmax_rest * grad_lse (+ grad_sum)``, target column 0.
+
+    ``log_cutoff`` is, per row, the log-probability below which the product with
+    ``grad_lse`` would be subnormal; those entries become exact zeros.  Overwrites ``logits``.
+    """
+    local, inside = _local_target(labels, start, logits.shape[1])
+    shifted = logits.sub_(lse_rest[:, None])
+    shifted.masked_fill_(shifted < log_cutoff[:, None], -math.inf)
+    grad = shifted.exp_().mul_(grad_lse[:, None])
+    if grad_sum is not None:
+        grad.add_(grad_sum[:, None])
+    # The target column is not part of the "rest": its gradient goes through the margin.
+    return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
+
+
+class _Config:
+    __slots__ = (
+        "chunk_size",
+        "label_smoothing",
+        "normalize_embeddings",
+        "normalize_weight",
+        "num_classes",
+        "scale",
+        "target_fn",
+    )
+
+    def __init__(
+        self,
+        target_fn: TargetFn,
+        scale: float,
+        normalize_embeddings: bool,
+        normalize_weight: bool,
+        label_smoothing: float,
+        num_classes: int,
+        chunk_size: int,
+    ) -> None:
+        self.target_fn = target_fn
+        self.scale = scale
+        self.normalize_embeddings = normalize_embeddings
+        self.normalize_weight = normalize_weight
+        self.label_smoothing = label_smoothing
+        self.num_classes = num_classes
+        self.chunk_size = chunk_size
+
+
+def _scaled_embeddings(x: Tensor, cfg: _Config) -> tuple[Tensor, Tensor | None]:
+    if not cfg.normalize_embeddings:
+        return x * cfg.scale, None
+    inv_norm = x.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
+    return x * (inv_norm * cfg.scale)[:, None], inv_norm
+
+
+class _ChunkedMarginSoftmax(torch.autograd.Function):
+    """Row losses of the margin softmax, computed class chunk by class chunk.
+
+    Saves only the inputs and O(B) tensors; backward recomputes each chunk's logits.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        valid: Tensor,
+        cfg: _Config,
+    ) -> Tensor:
+        compute = _compute_dtype(embeddings, weight)
+        gemm = _gemm_dtype(embeddings.device, compute)
+        need_sum = cfg.label_smoothing > 0.0
+        with torch.autocast(embeddings.device.type, enabled=False):
+            x = embeddings.to(compute)
+            xs, _ = _scaled_embeddings(x, cfg)
+            xs_gemm = xs.to(gemm)
+            batch = x.shape[0]
+            lse_rest = torch.full((batch,), -math.inf, dtype=compute, device=x.device)
+            sum_rest = torch.zeros_like(lse_rest) if need_sum else None
+            for start in range(0, cfg.num_classes, cfg.chunk_size):
+                chunk = weight[start : start + cfg.chunk_size]
+                logits, _ = _chunk_logits(xs_gemm, chunk, cfg.normalize_weight, compute)
+                chunk_lse, chunk_sum = _chunk_forward(logits, labels, start, need_sum)
+                lse_rest = torch.logaddexp(lse_rest, chunk_lse)
+                if sum_rest is not None and chunk_sum is not None:
+                    sum_rest = sum_rest + chunk_sum
+            cos, radius = _target_cos_radius(
+                x, weight[labels].to(compute), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+            )
+            target_logit = radius * cfg.target_fn(cos)
+            row = _row_loss(lse_rest, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing)
+        ctx.save_for_backward(embeddings, weight, labels, valid, lse_rest, *(
+            [sum_rest] if sum_rest is not None else []
+        ))
+        ctx.cfg = cfg  # type: ignore[attr-defined]
+        ctx.compute = compute  # type: ignore[attr-defined]
+        ctx.gemm = gemm  # type: ignore[attr-defined]
+        return row
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_row: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
+        compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
+        gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
+        embeddings, weight, labels, valid, lse_rest, *rest = ctx.saved_tensors  # type: ignore[attr-defined]
+        sum_rest = rest[0] if rest else None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
+        grad_row = torch.where(valid, grad_row.to(compute), 0.0)
+
+        with torch.autocast(embeddings.device.type, enabled=False):
+            # O(B) part: the target logit's margin transform and the loss assembly, by autograd.
+            with torch.enable_grad():
+                x_leaf = embeddings.detach().to(compute).requires_grad_(need_x)
+                rows_leaf = weight.detach()[labels].to(compute).requires_grad_(need_w)
+                lse_leaf = lse_rest.detach().requires_grad_(True)
+                sum_leaf = sum_rest.detach().requires_grad_(True) if sum_rest is not None else None
+                cos, radius = _target_cos_radius(
+                    x_leaf, rows_leaf, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+                )
+                target_logit = radius * cfg.target_fn(cos)
+                row = _row_loss(lse_leaf, sum_leaf, target_logit, cfg.num_classes, cfg.label_smoothing)
+                inputs = [lse_leaf] + ([sum_leaf] if sum_leaf is not None else [])
+                inputs += [t for t, need in ((x_leaf, need_x), (rows_leaf, need_w)) if need]
+                grads = list(torch.autograd.grad(row, inputs, grad_row, allow_unused=True))
+            grad_lse = grads.pop(0)
+            grad_sum = grads.pop(0) if sum_leaf is not None else None
+            grad_x_target = grads.pop(0) if need_x else None
+            grad_rows_target = grads.pop(0) if need_w else None
+
+            # O(B·C·D) part: the non-target columns, chunk by chunk.
+            x = embeddings.to(compute)
+            xs, x_inv_norm = _scaled_embeddings(x, cfg)
+            xs_gemm = xs.to(gemm)
+            tiny = torch.finfo(compute).tiny
+            log_cutoff = math.log(tiny) - grad_lse.abs().clamp_min(tiny).log() + 1.0
+            grad_xs = torch.zeros_like(xs) if need_x else None
+            grad_weight = torch.empty_like(weight) if need_w else None
+            for start in range(0, cfg.num_classes, cfg.chunk_size):
+                chunk = weight[start : start + cfg.chunk_size]
+                logits, inv_norm = _chunk_logits(xs_gemm, chunk, cfg.normalize_weight, compute)
+                grad_logits = _chunk_grad_logits(
+                    logits, labels, start, lse_rest, grad_lse, log_cutoff, grad_sum
+                )
+                if inv_norm is not None:
+                    grad_logits.mul_(inv_norm)
+                grad_logits = grad_logits.to(gemm)
+                chunk_gemm = chunk.to(gemm)
+                if grad_xs is not None:
+                    grad_xs.add_(torch.mm(grad_logits, chunk_gemm).to(compute))
+                if grad_weight is not None:
+                    out = grad_weight[start : start + cfg.chunk_size]
+                    grad_chunk = torch.mm(grad_logits.T, xs_gemm).to(compute)
+                    if inv_norm is not None:
+                        # Through w -> w/‖w‖:  (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (inv_norm already in).
+                        chunk_c = chunk.to(compute)
+                        coef = (chunk_c * grad_chunk).sum(dim=1).mul_(inv_norm.square())
+                        grad_chunk.sub_(chunk_c * coef[:, None])
+                    out.copy_(grad_chunk)
+
+            grad_embeddings = None
+            if grad_xs is not None and grad_x_target is not None:
+                grad_x = grad_xs.mul_(cfg.scale)
+                if x_inv_norm is not None:
+                    x_hat = x * x_inv_norm[:, None]
+                    radial = (x_hat * grad_x).sum(dim=1, keepdim=True)
+                    grad_x = (grad_x - x_hat * radial) * x_inv_norm[:, None]
+                grad_embeddings = (grad_x + grad_x_target).to(embeddings.dtype)
+            if grad_weight is not None and grad_rows_target is not None:
+                grad_weight.index_add_(0, labels, grad_rows_target.to(weight.dtype))
+        return grad_embeddings, grad_weight, None, None, None
+
+
+# ---------------------------------------------------------------- public entry point
+
+
+def margin_softmax_loss(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_fn: TargetFn,
+    *,
+    scale: float = 1.0,
+    normalize_embeddings: bool = True,
+    normalize_weight: bool = True,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: ChunkSize = "auto",
+) -> Tensor:
+    r"""Margin softmax cross entropy with the margin on the target column only.
+
+    Logits are :math:`z_{ij} = s\,\tilde x_i^\top \tilde w_j` for :math:`j \ne y_i` and
+    :math:`z_{iy_i} = \rho_i\, f(\cos\theta_{iy_i})` for the target, where
+    :math:`\tilde x` is :math:`x/\lVert x\rVert` if ``normalize_embeddings`` else :math:`x`,
+    :math:`\tilde w` likewise, and :math:`\rho_i = s\,(1\text{ or }\lVert x_i\rVert)
+    (1\text{ or }\lVert w_{y_i}\rVert)` so that :math:`f(\cos) = \cos` gives back
+    :math:`z_{iy_i} = s\,\tilde x_i^\top\tilde w_{y_i}`.  The loss is the cross entropy of
+    these logits with ``label_smoothing`` and ``ignore_index`` as in
+    :class:`torch.nn.CrossEntropyLoss` (an all-ignored batch gives 0, not NaN).
+
+    Parameters
+    ----------
+    embeddings : Tensor
+        ``[B, D]`` floating point.
+    weight : Tensor
+        ``[C, D]`` class weights (the layout of :func:`torch.nn.functional.linear`).
+    labels : Tensor
+        ``[B]`` integer class indices in ``[0, C)`` or ``ignore_index``.
+    target_fn : callable
+        The head's margin transform :math:`f`, applied to the ``[B]`` target cosines.
+    scale : float, default 1.0
+        :math:`s`.
+    normalize_embeddings, normalize_weight : bool, default True
+        Whether :math:`x` and :math:`w` are L2-normalised inside the logits.
+    reduction : {"mean", "sum", "none"}, default "mean"
+    label_smoothing : float in [0, 1], default 0.0
+    ignore_index : int, default -100
+    chunk_size : int, "auto" or None, default "auto"
+        ``None`` runs plain autograd over the full ``[B, C]`` logits; an int runs the
+        chunked engine with that many classes per chunk; ``"auto"`` runs the chunked engine
+        with :func:`default_chunk_size`.  The chunked engine is not twice differentiable.
+
+    Returns
+    -------
+    Tensor
+        A scalar, or ``[B]`` for ``reduction="none"``, in the compute dtype (at least float32).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from marginloss.fused import margin_softmax_loss
+    >>> x, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    >>> y = torch.tensor([1, 0, 9, 3])
+    >>> loss = margin_softmax_loss(x, w, y, lambda cos: cos - 0.35, scale=30.0, chunk_size=4)
+    >>> ref = margin_softmax_loss(x, w, y, lambda cos: cos - 0.35, scale=30.0, chunk_size=None)
+    >>> bool(torch.allclose(loss, ref))
+    True
+    >>> loss.backward()
+    """
+    V.check_embeddings(embeddings)
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        described = (
+            f"shape {tuple(weight.shape)} dtype {weight.dtype}"
+            if isinstance(weight, Tensor)
+            else type(weight).__name__
+        )
+        raise ValueError(f"weight must be a floating [num_classes, embedding_dim] tensor, got {described}")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"embeddings must have shape [batch, {weight.shape[1]}] to match weight "
+            f"{tuple(weight.shape)}, got shape {tuple(embeddings.shape)}"
+        )
+    num_classes = weight.shape[0]
+    labels = V.check_labels(labels, embeddings.shape[0], num_classes, ignore_index)
+    V.check_same_device(embeddings=embeddings, weight=weight, labels=labels)
+    V.check_choice("reduction", reduction, _REDUCTIONS)
+    label_smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    chunk = V.check_chunk_size(chunk_size)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    if chunk is None:
+        lse_rest, sum_rest = _plain_parts(
+            embeddings, weight, safe_labels, scale, normalize_embeddings, normalize_weight,
+            label_smoothing > 0.0,
+        )
+        compute = lse_rest.dtype
+        cos, radius = _target_cos_radius(
+            embeddings.to(compute), weight[safe_labels].to(compute), scale,
+            normalize_embeddings, normalize_weight,
+        )
+        target_logit = radius * target_fn(cos)
+        row = _row_loss(lse_rest, sum_rest, target_logit, num_classes, label_smoothing)
+    else:
+        width = default_chunk_size(embeddings.shape[0], num_classes) if chunk == "auto" else int(chunk)
+        cfg = _Config(
+            target_fn, float(scale), normalize_embeddings, normalize_weight, label_smoothing,
+            num_classes, min(width, num_classes),
+        )
+        row = _ChunkedMarginSoftmax.apply(embeddings, weight, safe_labels, valid, cfg)
+    return _reduce(row, valid, reduction)
