@@ -34,7 +34,7 @@ from torch import Tensor
 
 from marginloss import _validation as V
 
-__all__ = ["TargetFn", "default_chunk_size", "margin_softmax_loss"]
+__all__ = ["TargetFn", "default_chunk_size", "margin_softmax_loss", "rest_backward", "rest_logsumexp", "scaled_embeddings_backward"]
 
 TargetFn = Callable[[Tensor], Tensor]
 """A head's target transform: ``cos_target [B] -> f(cos_target) [B]`` (differentiable)."""
@@ -278,10 +278,88 @@ class _Config:
 
 
 def _scaled_embeddings(x: Tensor, cfg: _Config) -> tuple[Tensor, Tensor | None]:
+    """``xs = s·x/‖x‖`` (or ``s·x``) and the rows' 1/‖x‖ when normalising."""
     if not cfg.normalize_embeddings:
         return x * cfg.scale, None
     inv_norm = x.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
     return x * (inv_norm * cfg.scale)[:, None], inv_norm
+
+
+def scaled_embeddings_backward(
+    grad_xs: Tensor, x: Tensor, inv_norm: Tensor | None, cfg: _Config
+) -> Tensor:
+    r"""dL/dx from dL/dxs for ``xs = s·x/‖x‖``: :math:`s(I - \hat x\hat x^\top)/\lVert x\rVert`."""
+    grad = grad_xs * cfg.scale
+    if inv_norm is None:
+        return grad
+    x_hat = x * inv_norm[:, None]
+    radial = (x_hat * grad).sum(dim=1, keepdim=True)
+    return (grad - x_hat * radial) * inv_norm[:, None]
+
+
+def rest_logsumexp(
+    xs: Tensor, weight: Tensor, labels: Tensor, cfg: _Config, compute: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """O(B) log-sum-exp (and sum, with label smoothing) of the non-target logits over the rows
+    of ``weight``, chunk by chunk.
+
+    ``labels`` index rows of ``weight``; a label outside ``[0, len(weight))`` (a target held
+    by another shard) excludes nothing.  ``xs`` are the scaled embeddings in the GEMM dtype.
+    """
+    need_sum = cfg.label_smoothing > 0.0
+    lse_rest = torch.full((xs.shape[0],), -math.inf, dtype=compute, device=xs.device)
+    sum_rest = torch.zeros_like(lse_rest) if need_sum else None
+    for start in range(0, weight.shape[0], cfg.chunk_size):
+        chunk = weight[start : start + cfg.chunk_size]
+        logits, _ = _chunk_logits(xs, chunk, cfg.normalize_weight, compute)
+        chunk_lse, chunk_sum = _chunk_forward(logits, labels, start, need_sum)
+        lse_rest = torch.logaddexp(lse_rest, chunk_lse)
+        if sum_rest is not None and chunk_sum is not None:
+            sum_rest = sum_rest + chunk_sum
+    return lse_rest, sum_rest
+
+
+def rest_backward(
+    xs: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    lse_rest: Tensor,
+    grad_lse: Tensor,
+    grad_sum: Tensor | None,
+    cfg: _Config,
+    compute: torch.dtype,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of :func:`rest_logsumexp`: gradients for the scaled embeddings ``xs`` and for
+    ``weight`` (through its row normalisation), recomputing each chunk's logits.
+
+    ``weight.grad`` rows are written chunk by chunk into one ``empty_like(weight)``.
+    """
+    gemm = xs.dtype
+    tiny = torch.finfo(compute).tiny
+    # Probabilities whose product with grad_lse would be subnormal become exact zeros.
+    log_cutoff = math.log(tiny) - grad_lse.abs().clamp_min(tiny).log() + 1.0
+    grad_xs = torch.zeros(xs.shape, dtype=compute, device=xs.device) if need_x else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    for start in range(0, weight.shape[0], cfg.chunk_size):
+        chunk = weight[start : start + cfg.chunk_size]
+        logits, inv_norm = _chunk_logits(xs, chunk, cfg.normalize_weight, compute)
+        grad_logits = _chunk_grad_logits(logits, labels, start, lse_rest, grad_lse, log_cutoff, grad_sum)
+        if inv_norm is not None:
+            grad_logits.mul_(inv_norm)
+        grad_logits = grad_logits.to(gemm)
+        if grad_xs is not None:
+            grad_xs.add_(torch.mm(grad_logits, chunk.to(gemm)).to(compute))
+        if grad_weight is not None:
+            grad_chunk = torch.mm(grad_logits.T, xs).to(compute)
+            if inv_norm is not None:
+                # Through w -> w/‖w‖:  (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (1/‖w‖ already folded in).
+                chunk_c = chunk.to(compute)
+                coef = (chunk_c * grad_chunk).sum(dim=1).mul_(inv_norm.square())
+                grad_chunk.sub_(chunk_c * coef[:, None])
+            grad_weight[start : start + cfg.chunk_size].copy_(grad_chunk)
+    return grad_xs, grad_weight
 
 
 class _ChunkedMarginSoftmax(torch.autograd.Function):
@@ -301,21 +379,11 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
     ) -> Tensor:
         compute = _compute_dtype(embeddings, weight)
         gemm = _gemm_dtype(embeddings.device, compute)
-        need_sum = cfg.label_smoothing > 0.0
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
-            batch = x.shape[0]
-            lse_rest = torch.full((batch,), -math.inf, dtype=compute, device=x.device)
-            sum_rest = torch.zeros_like(lse_rest) if need_sum else None
-            for start in range(0, cfg.num_classes, cfg.chunk_size):
-                chunk = weight[start : start + cfg.chunk_size]
-                logits, _ = _chunk_logits(xs_gemm, chunk, cfg.normalize_weight, compute)
-                chunk_lse, chunk_sum = _chunk_forward(logits, labels, start, need_sum)
-                lse_rest = torch.logaddexp(lse_rest, chunk_lse)
-                if sum_rest is not None and chunk_sum is not None:
-                    sum_rest = sum_rest + chunk_sum
+            lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute)
             cos, radius = _target_cos_radius(
                 x, weight[labels].to(compute), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
             )
@@ -366,39 +434,13 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             x = embeddings.to(compute)
             xs, x_inv_norm = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
-            tiny = torch.finfo(compute).tiny
-            log_cutoff = math.log(tiny) - grad_lse.abs().clamp_min(tiny).log() + 1.0
-            grad_xs = torch.zeros_like(xs) if need_x else None
-            grad_weight = torch.empty_like(weight) if need_w else None
-            for start in range(0, cfg.num_classes, cfg.chunk_size):
-                chunk = weight[start : start + cfg.chunk_size]
-                logits, inv_norm = _chunk_logits(xs_gemm, chunk, cfg.normalize_weight, compute)
-                grad_logits = _chunk_grad_logits(
-                    logits, labels, start, lse_rest, grad_lse, log_cutoff, grad_sum
-                )
-                if inv_norm is not None:
-                    grad_logits.mul_(inv_norm)
-                grad_logits = grad_logits.to(gemm)
-                chunk_gemm = chunk.to(gemm)
-                if grad_xs is not None:
-                    grad_xs.add_(torch.mm(grad_logits, chunk_gemm).to(compute))
-                if grad_weight is not None:
-                    out = grad_weight[start : start + cfg.chunk_size]
-                    grad_chunk = torch.mm(grad_logits.T, xs_gemm).to(compute)
-                    if inv_norm is not None:
-                        # Through w -> w/‖w‖:  (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (inv_norm already in).
-                        chunk_c = chunk.to(compute)
-                        coef = (chunk_c * grad_chunk).sum(dim=1).mul_(inv_norm.square())
-                        grad_chunk.sub_(chunk_c * coef[:, None])
-                    out.copy_(grad_chunk)
+            grad_xs, grad_weight = rest_backward(
+                xs_gemm, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w
+            )
 
             grad_embeddings = None
             if grad_xs is not None and grad_x_target is not None:
-                grad_x = grad_xs.mul_(cfg.scale)
-                if x_inv_norm is not None:
-                    x_hat = x * x_inv_norm[:, None]
-                    radial = (x_hat * grad_x).sum(dim=1, keepdim=True)
-                    grad_x = (grad_x - x_hat * radial) * x_inv_norm[:, None]
+                grad_x = scaled_embeddings_backward(grad_xs, x, x_inv_norm, cfg)
                 grad_embeddings = (grad_x + grad_x_target).to(embeddings.dtype)
             if grad_weight is not None and grad_rows_target is not None:
                 grad_weight.index_add_(0, labels, grad_rows_target.to(weight.dtype))
