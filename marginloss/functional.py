@@ -189,6 +189,14 @@ def combined_margin_target(
     return torch.cos(m1 * theta + m2) - m3
 
 
+def _psi_branch(cos_target: Tensor, margin: int) -> Tensor:
+    # k = floor(mθ/π) without acos: θ >= jπ/m  <=>  cos θ <= cos(jπ/m).
+    k = torch.zeros_like(cos_target)
+    for j in range(1, margin):
+        k = k + (cos_target <= math.cos(j * math.pi / margin)).to(cos_target.dtype)
+    return k
+
+
 def angular_psi(cos_target: Tensor, margin: int = 4) -> Tensor:
     r"""The monotonic extension of :math:`\cos(m\theta)` used by L-Softmax and SphereFace.
 
@@ -209,9 +217,7 @@ def angular_psi(cos_target: Tensor, margin: int = 4) -> Tensor:
     t_prev, t_cur = torch.ones_like(cos_target), cos_target
     for _ in range(margin - 1):
         t_prev, t_cur = t_cur, 2.0 * cos_target * t_cur - t_prev
-    k = torch.zeros_like(cos_target)
-    for j in range(1, margin):
-        k = k + (cos_target <= math.cos(j * math.pi / margin)).to(cos_target.dtype)
+    k = _psi_branch(cos_target, margin)
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
     return sign * t_cur - 2.0 * k
 
@@ -242,6 +248,41 @@ def sphereface_target(cos_target: Tensor, margin: int = 4, lambda_: Lambda = 0.0
 
 lsoftmax_target = sphereface_target
 """L-Softmax's target transform; the same :math:`f` as :func:`sphereface_target`."""
+
+
+# ---------------------------------------------------------------- their derivatives
+# d f / d cos θ of each transform, used by the chunked engine's closed-form backward.
+# The tests check each against autograd through the transform itself.
+
+
+def _arcface_slope(cos_target: Tensor, margin: float, easy_margin: bool, straight_through: bool) -> Tensor:
+    if straight_through:
+        return torch.ones_like(cos_target)
+    # d/dcos [cos θ cos m - sin θ sin m] = cos m + cos θ sin m / sin θ
+    main = math.cos(margin) + cos_target * math.sin(margin) / _safe_sin(cos_target)
+    threshold = 0.0 if easy_margin else math.cos(math.pi - margin)
+    return torch.where(cos_target > threshold, main, torch.ones_like(cos_target))
+
+
+def _combined_margin_slope(cos_target: Tensor, m1: float, m2: float) -> Tensor:
+    sin = _safe_sin(cos_target)
+    theta = torch.atan2(sin, cos_target)
+    return m1 * torch.sin(m1 * theta + m2) / sin
+
+
+def _sphereface_slope(cos_target: Tensor, margin: int, lambda_: Lambda) -> Tensor:
+    # ψ' = (-1)^k T_m'(cos θ) = (-1)^k m U_{m-1}(cos θ), Chebyshev polynomials of the 2nd kind.
+    u_prev, u_cur = torch.zeros_like(cos_target), torch.ones_like(cos_target)
+    for _ in range(margin - 1):
+        u_prev, u_cur = u_cur, 2.0 * cos_target * u_cur - u_prev
+    k = _psi_branch(cos_target, margin)
+    psi_slope = (1.0 - 2.0 * torch.remainder(k, 2.0)) * margin * u_cur
+    lam = lambda_.to(cos_target.dtype) if isinstance(lambda_, Tensor) else lambda_
+    return (lam + psi_slope) / (1.0 + lam)
+
+
+def _unit_slope(cos_target: Tensor) -> Tensor:
+    return torch.ones_like(cos_target)
 
 
 def annealing_lambda(
@@ -495,8 +536,11 @@ def arcface(
     def target_fn(cos: Tensor) -> Tensor:
         return arcface_target(cos, margin, easy_margin=easy_margin, straight_through=straight_through)
 
+    def target_grad(cos: Tensor) -> Tensor:
+        return _arcface_slope(cos, margin, easy_margin, straight_through)
+
     return margin_softmax_loss(
-        embeddings, weight, labels, target_fn, scale=scale, reduction=reduction,
+        embeddings, weight, labels, target_fn, target_grad=target_grad, scale=scale, reduction=reduction,
         label_smoothing=label_smoothing, ignore_index=ignore_index, chunk_size=chunk_size,
     )
 
@@ -524,7 +568,8 @@ def cosface(
     """
     scale, margin = _check_cosface_args(scale, margin)
     return margin_softmax_loss(
-        embeddings, weight, labels, lambda cos: cosface_target(cos, margin), scale=scale,
+        embeddings, weight, labels, lambda cos: cosface_target(cos, margin), target_grad=_unit_slope,
+        scale=scale,
         reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
         chunk_size=chunk_size,
     )
@@ -556,7 +601,7 @@ def combined_margin(
     scale, m1, m2, m3 = _check_combined_args(scale, m1, m2, m3)
     return margin_softmax_loss(
         embeddings, weight, labels, lambda cos: combined_margin_target(cos, m1, m2, m3),
-        scale=scale, reduction=reduction, label_smoothing=label_smoothing,
+        target_grad=lambda cos: _combined_margin_slope(cos, m1, m2), scale=scale, reduction=reduction, label_smoothing=label_smoothing,
         ignore_index=ignore_index, chunk_size=chunk_size,
     )
 
@@ -583,7 +628,8 @@ def normface(
     """
     scale = _check_scale(scale)
     return margin_softmax_loss(
-        embeddings, weight, labels, lambda cos: cos, scale=scale, reduction=reduction,
+        embeddings, weight, labels, lambda cos: cos, target_grad=_unit_slope, scale=scale,
+        reduction=reduction,
         label_smoothing=label_smoothing, ignore_index=ignore_index, chunk_size=chunk_size,
     )
 
@@ -613,7 +659,7 @@ def sphereface(
     _check_lambda(lambda_)
     return margin_softmax_loss(
         embeddings, weight, labels, lambda cos: sphereface_target(cos, margin, lambda_),
-        scale=1.0, normalize_embeddings=False, normalize_weight=True, reduction=reduction,
+        target_grad=lambda cos: _sphereface_slope(cos, margin, lambda_), scale=1.0, normalize_embeddings=False, normalize_weight=True, reduction=reduction,
         label_smoothing=label_smoothing, ignore_index=ignore_index, chunk_size=chunk_size,
     )
 
@@ -643,6 +689,6 @@ def lsoftmax(
     _check_lambda(lambda_)
     return margin_softmax_loss(
         embeddings, weight, labels, lambda cos: lsoftmax_target(cos, margin, lambda_),
-        scale=1.0, normalize_embeddings=False, normalize_weight=False, reduction=reduction,
+        target_grad=lambda cos: _sphereface_slope(cos, margin, lambda_), scale=1.0, normalize_embeddings=False, normalize_weight=False, reduction=reduction,
         label_smoothing=label_smoothing, ignore_index=ignore_index, chunk_size=chunk_size,
     )

@@ -256,6 +256,7 @@ class _Config:
         "num_classes",
         "scale",
         "target_fn",
+        "target_grad",
     )
 
     def __init__(
@@ -267,8 +268,10 @@ class _Config:
         label_smoothing: float,
         num_classes: int,
         chunk_size: int,
+        target_grad: TargetFn | None = None,
     ) -> None:
         self.target_fn = target_fn
+        self.target_grad = target_grad
         self.scale = scale
         self.normalize_embeddings = normalize_embeddings
         self.normalize_weight = normalize_weight
@@ -362,6 +365,72 @@ def rest_backward(
     return grad_xs, grad_weight
 
 
+def _target_backward(
+    x: Tensor,
+    rows: Tensor,
+    lse_rest: Tensor,
+    sum_rest: Tensor | None,
+    grad_row: Tensor,
+    cfg: _Config,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Closed-form gradients of the row losses w.r.t. ``lse_rest``, ``sum_rest``, the
+    embeddings and their target weight rows, using the head's derivative ``target_grad``.
+
+    No autograd inside, so ``torch.compile`` can trace the engine's backward.
+    """
+    assert cfg.target_grad is not None  # internal invariant
+    cos, radius = _target_cos_radius(x, rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
+    value = cfg.target_fn(cos)
+    target_logit = radius * value
+    eps, num_classes = cfg.label_smoothing, cfg.num_classes
+    sig = torch.sigmoid(lse_rest - target_logit)  # d softplus(r - t) / dr
+    grad_lse = grad_row * sig
+    grad_t = grad_row * (eps - eps / num_classes - sig)
+    grad_sum = grad_row * (-eps / num_classes) if sum_rest is not None else None
+    grad_cos = grad_t * radius * cfg.target_grad(cos)
+    grad_radius = grad_t * value
+    x_norm = x.norm(dim=1).clamp_min(_NORM_EPS)
+    w_norm = rows.norm(dim=1).clamp_min(_NORM_EPS)
+    x_hat, w_hat = x / x_norm[:, None], rows / w_norm[:, None]
+    # dcos/dx = (ŵ - cos x̂)/‖x‖,  dcos/dw = (x̂ - cos ŵ)/‖w‖,  dρ/dx = ρ x̂/‖x‖ if x unnormalised.
+    radial_x = torch.zeros_like(cos) if cfg.normalize_embeddings else grad_radius * radius / x_norm
+    radial_w = torch.zeros_like(cos) if cfg.normalize_weight else grad_radius * radius / w_norm
+    grad_x = (grad_cos / x_norm)[:, None] * (w_hat - cos[:, None] * x_hat) + radial_x[:, None] * x_hat
+    grad_w = (grad_cos / w_norm)[:, None] * (x_hat - cos[:, None] * w_hat) + radial_w[:, None] * w_hat
+    return grad_lse, grad_sum, grad_x, grad_w
+
+
+def _target_backward_autograd(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    lse_rest: Tensor,
+    sum_rest: Tensor | None,
+    grad_row: Tensor,
+    cfg: _Config,
+    compute: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """As :func:`_target_backward` for a ``target_fn`` given without its derivative (eager only)."""
+    with torch.enable_grad():
+        x_leaf = embeddings.detach().to(compute).requires_grad_(True)
+        rows_leaf = weight.detach()[labels].to(compute).requires_grad_(True)
+        lse_leaf = lse_rest.detach().requires_grad_(True)
+        sum_leaf = sum_rest.detach().requires_grad_(True) if sum_rest is not None else None
+        cos, radius = _target_cos_radius(
+            x_leaf, rows_leaf, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+        )
+        target_logit = radius * cfg.target_fn(cos)
+        row = _row_loss(lse_leaf, sum_leaf, target_logit, cfg.num_classes, cfg.label_smoothing)
+        inputs = [lse_leaf, x_leaf, rows_leaf] + ([sum_leaf] if sum_leaf is not None else [])
+        grads = torch.autograd.grad(row, inputs, grad_row, allow_unused=True)
+    zero = torch.zeros_like
+    grad_lse = grads[0] if grads[0] is not None else zero(lse_rest)
+    grad_x = grads[1] if grads[1] is not None else zero(x_leaf)
+    grad_w = grads[2] if grads[2] is not None else zero(rows_leaf)
+    grad_sum = (grads[3] if grads[3] is not None else zero(lse_rest)) if sum_leaf is not None else None
+    return grad_lse, grad_sum, grad_x, grad_w
+
+
 class _ChunkedMarginSoftmax(torch.autograd.Function):
     """Row losses of the margin softmax, computed class chunk by class chunk.
 
@@ -411,24 +480,22 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         grad_row = torch.where(valid, grad_row.to(compute), 0.0)
 
         with torch.autocast(embeddings.device.type, enabled=False):
-            # O(B) part: the target logit's margin transform and the loss assembly, by autograd.
-            with torch.enable_grad():
-                x_leaf = embeddings.detach().to(compute).requires_grad_(need_x)
-                rows_leaf = weight.detach()[labels].to(compute).requires_grad_(need_w)
-                lse_leaf = lse_rest.detach().requires_grad_(True)
-                sum_leaf = sum_rest.detach().requires_grad_(True) if sum_rest is not None else None
-                cos, radius = _target_cos_radius(
-                    x_leaf, rows_leaf, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+            # O(B) part: the target logit's margin transform and the loss assembly.
+            grad_x_target: Tensor | None
+            grad_rows_target: Tensor | None
+            if cfg.target_grad is not None:
+                grad_lse, grad_sum, grad_x_target, grad_rows_target = _target_backward(
+                    embeddings.to(compute), weight[labels].to(compute), lse_rest, sum_rest,
+                    grad_row, cfg,
                 )
-                target_logit = radius * cfg.target_fn(cos)
-                row = _row_loss(lse_leaf, sum_leaf, target_logit, cfg.num_classes, cfg.label_smoothing)
-                inputs = [lse_leaf] + ([sum_leaf] if sum_leaf is not None else [])
-                inputs += [t for t, need in ((x_leaf, need_x), (rows_leaf, need_w)) if need]
-                grads = list(torch.autograd.grad(row, inputs, grad_row, allow_unused=True))
-            grad_lse = grads.pop(0)
-            grad_sum = grads.pop(0) if sum_leaf is not None else None
-            grad_x_target = grads.pop(0) if need_x else None
-            grad_rows_target = grads.pop(0) if need_w else None
+            else:
+                grad_lse, grad_sum, grad_x_target, grad_rows_target = _target_backward_autograd(
+                    embeddings, weight, labels, lse_rest, sum_rest, grad_row, cfg, compute
+                )
+            if not need_x:
+                grad_x_target = None
+            if not need_w:
+                grad_rows_target = None
 
             # O(B·C·D) part: the non-target columns, chunk by chunk.
             x = embeddings.to(compute)
@@ -456,6 +523,7 @@ def margin_softmax_loss(
     labels: Tensor,
     target_fn: TargetFn,
     *,
+    target_grad: TargetFn | None = None,
     scale: float = 1.0,
     normalize_embeddings: bool = True,
     normalize_weight: bool = True,
@@ -484,7 +552,12 @@ def margin_softmax_loss(
     labels : Tensor
         ``[B]`` integer class indices in ``[0, C)`` or ``ignore_index``.
     target_fn : callable
-        The head's margin transform :math:`f`, applied to the ``[B]`` target cosines.
+        The head's margin transform :math:`f`, applied to the ``[B]`` target cosines; it must
+        be differentiable by autograd (the plain path differentiates it).
+    target_grad : callable, optional
+        Its derivative :math:`f'` (elementwise).  With it the chunked engine's backward is
+        closed-form and traceable by ``torch.compile``; without it the chunked backward
+        differentiates ``target_fn`` with :func:`torch.autograd.grad` (eager only).
     scale : float, default 1.0
         :math:`s`.
     normalize_embeddings, normalize_weight : bool, default True
@@ -554,7 +627,7 @@ def margin_softmax_loss(
         width = default_chunk_size(embeddings.shape[0], num_classes) if chunk == "auto" else int(chunk)
         cfg = _Config(
             target_fn, float(scale), normalize_embeddings, normalize_weight, label_smoothing,
-            num_classes, min(width, num_classes),
+            num_classes, min(width, num_classes), target_grad,
         )
         row = _ChunkedMarginSoftmax.apply(embeddings, weight, safe_labels, valid, cfg)
     return _reduce(row, valid, reduction)

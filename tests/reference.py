@@ -1,0 +1,136 @@
+"""Plain, obviously-correct float64 references for the classification heads.
+
+Written straight from the papers' formulas, one sample at a time, with ``acos``/``cos`` where
+the papers use angles.  Nothing here calls marginloss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def arcface_margin(theta: Tensor, margin: float, easy_margin: bool = False) -> Tensor:
+    if easy_margin:
+        return torch.cos(theta + margin) if torch.cos(theta) > 0 else torch.cos(theta)
+    if theta + margin <= math.pi:
+        return torch.cos(theta + margin)
+    return torch.cos(theta) - margin * math.sin(margin)
+
+
+def psi(theta: Tensor, m: int) -> Tensor:
+    k = min(int(math.floor(float(theta.detach()) * m / math.pi)), m - 1)
+    return (-1) ** k * torch.cos(m * theta) - 2 * k
+
+
+def target_cosine(head: str, theta: Tensor, hp: dict) -> Tensor:
+    """f(θ) of each head, from the angle."""
+    if head == "arcface":
+        return arcface_margin(theta, hp["margin"], hp.get("easy_margin", False))
+    if head == "cosface":
+        return torch.cos(theta) - hp["margin"]
+    if head == "combined":
+        return torch.cos(hp["m1"] * theta + hp["m2"]) - hp["m3"]
+    if head == "normface":
+        return torch.cos(theta)
+    if head in ("sphereface", "lsoftmax"):
+        lam = hp.get("lambda_", 0.0)
+        return (lam * torch.cos(theta) + psi(theta, hp["margin"])) / (1 + lam)
+    raise ValueError(head)
+
+
+def head_logits_row(head: str, x: Tensor, weight: Tensor, label: int, hp: dict) -> Tensor:
+    """Logits of one sample: radius_j * cos θ_j, with the target column through f."""
+    logits = []
+    for j in range(weight.shape[0]):
+        w = weight[j]
+        cos = torch.dot(x, w) / (x.norm() * w.norm())
+        if head in ("arcface", "cosface", "combined", "normface"):
+            radius = hp["scale"]
+        elif head == "sphereface":
+            radius = x.norm()
+        else:  # lsoftmax
+            radius = x.norm() * w.norm()
+        if j == label:
+            theta = torch.acos(cos.clamp(-1.0, 1.0))
+            logits.append(radius * target_cosine(head, theta, hp))
+        else:
+            logits.append(radius * cos)
+    return torch.stack(logits)
+
+
+def head_loss(
+    head: str,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    hp: dict,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Cross entropy of the head's logits, one sample at a time (torch's smoothing rule)."""
+    losses = []
+    kept = 0
+    for i in range(embeddings.shape[0]):
+        label = int(labels[i])
+        if label == ignore_index:
+            losses.append(embeddings.sum() * 0.0)
+            continue
+        kept += 1
+        logits = head_logits_row(head, embeddings[i], weight, label, hp)
+        log_p = logits - torch.logsumexp(logits, dim=0)
+        num_classes = weight.shape[0]
+        loss = -(1 - label_smoothing) * log_p[label] - label_smoothing / num_classes * log_p.sum()
+        losses.append(loss)
+    stacked = torch.stack(losses)
+    if reduction == "none":
+        return stacked
+    if reduction == "sum":
+        return stacked.sum()
+    return stacked.sum() / max(kept, 1)
+
+
+def plain_arcface_loss(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, scale: float = 64.0, margin: float = 0.5
+) -> Tensor:
+    """The usual vectorised PyTorch ArcFace (normalize, linear, acos/cos on the target, CE).
+
+    The baseline the benchmarks compare with: what a user would write by hand.
+    """
+    cosine = torch.nn.functional.linear(
+        torch.nn.functional.normalize(embeddings), torch.nn.functional.normalize(weight)
+    )
+    target = cosine.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
+    theta = torch.acos(target)
+    shifted = torch.where(
+        theta + margin <= math.pi, torch.cos(theta + margin), target - margin * math.sin(margin)
+    )
+    logits = cosine.scatter(1, labels[:, None], shifted) * scale
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def describe_difference(actual: Tensor, expected: Tensor) -> str:
+    """Where two tensors differ: max abs/rel error, its index, NaN/inf counts."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if actual.shape != expected.shape:
+        return f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    if diff.numel() == 0:
+        return "empty"
+    flat = int(torch.nan_to_num(diff, nan=math.inf).argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    rel = diff / expected.abs().clamp_min(1e-300)
+    return (
+        f"max abs err {float(diff.max()):.3e} at {index} (actual {float(actual.flatten()[flat]):.10g}, "
+        f"expected {float(expected.flatten()[flat]):.10g}), max rel err {float(rel.max()):.3e}, "
+        f"NaN {int(actual.isnan().sum())}/{int(expected.isnan().sum())}, "
+        f"inf {int(actual.isinf().sum())}/{int(expected.isinf().sum())}"
+    )
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float, what: str = "") -> None:
+    ok = torch.allclose(actual.detach().double(), expected.detach().double(), rtol=rtol, atol=atol)
+    assert ok, f"{what}: {describe_difference(actual, expected)}"
