@@ -21,7 +21,7 @@ def arcface_margin(theta: Tensor, margin: float, easy_margin: bool = False) -> T
 
 
 def psi(theta: Tensor, m: int) -> Tensor:
-    k = min(int(math.floor(float(theta.detach()) * m / math.pi)), m - 1)
+    k = min(math.floor(float(theta.detach()) * m / math.pi), m - 1)
     return (-1) ** k * torch.cos(m * theta) - 2 * k
 
 

@@ -1,0 +1,242 @@
+"""The chunked engine against the plain autograd path and the float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import marginloss
+from marginloss import functional as MF
+from marginloss import fused
+from tests.reference import assert_close
+
+HEADS = {
+    "arcface": (MF.arcface, {"scale": 64.0, "margin": 0.5}),
+    "arcface_easy": (MF.arcface, {"scale": 30.0, "margin": 0.5, "easy_margin": True}),
+    "cosface": (MF.cosface, {"scale": 64.0, "margin": 0.35}),
+    "combined": (MF.combined_margin, {"scale": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}),
+    "normface": (MF.normface, {"scale": 16.0}),
+    "sphereface": (MF.sphereface, {"margin": 4, "lambda_": 5.0}),
+    "lsoftmax": (MF.lsoftmax, {"margin": 4, "lambda_": 0.0}),
+}
+
+
+def _problem(batch: int, classes: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen, dtype=dtype)
+    w = torch.randn(classes, dim, generator=gen, dtype=dtype)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    labels[::7] = -100
+    return x, w, labels
+
+
+def _loss_and_grads(fn, hp, x, w, labels, **kwargs):
+    x = x.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    loss = fn(x, w, labels, **hp, **kwargs)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * upstream).sum().backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(("batch", "classes"), [(37, 1013), (64, 256)])
+def test_fused_equals_plain_fp32(head, reduction, smoothing, batch, classes) -> None:
+    """fp32 engine vs fp32 plain autograd, both judged against the float64 reference.
+
+    The loss agrees to 1e-6 relative.  For gradients at s = 64 the plain fp32 path is itself
+    ~2e-6 (relative to the largest entry) away from float64; the engine's different but
+    equally valid summation order may land up to about twice as far, never more.
+    """
+    fn, hp = HEADS[head]
+    x, w, labels = _problem(batch, classes, 24, torch.float32)
+    kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+    reference = _loss_and_grads(fn, hp, x.double(), w.double(), labels, chunk_size=None, **kwargs)
+    plain = _loss_and_grads(fn, hp, x, w, labels, chunk_size=None, **kwargs)
+    for chunk in (97, "auto"):
+        chunked = _loss_and_grads(fn, hp, x, w, labels, chunk_size=chunk, **kwargs)
+        assert_close(chunked[0], plain[0], rtol=1e-6, atol=1e-7, what=f"loss chunk={chunk}")
+        for name, got, eager, ref in zip(("embeddings.grad", "weight.grad"), chunked[1:], plain[1:], reference[1:]):
+            scale = float(ref.abs().max()) or 1.0
+            engine_err = float((got.double() - ref).abs().max()) / scale
+            eager_err = float((eager.double() - ref).abs().max()) / scale
+            assert engine_err <= 2 * eager_err + 1e-6, (name, chunk, engine_err, eager_err)
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_fused_gradcheck_float64(head) -> None:
+    fn, hp = HEADS[head]
+    hp = dict(hp)
+    if "scale" in hp:
+        hp["scale"] = 3.0
+    x, w, labels = _problem(5, 11, 4, torch.float64, seed=2)
+    x.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: fn(a, b, labels, **hp, reduction="none", label_smoothing=0.05, chunk_size=3), (x, w)
+    )
+
+
+@pytest.mark.parametrize("head", ["arcface", "combined", "sphereface"])
+def test_target_derivatives_match_autograd(head) -> None:
+    cos = torch.linspace(-0.999, 0.999, 301, dtype=torch.float64, requires_grad=True)
+    pairs = {
+        "arcface": [
+            (
+                lambda c, m=m, e=e: MF.arcface_target(c, m, easy_margin=e),
+                lambda c, m=m, e=e: MF._arcface_slope(c, m, e, False),
+            )
+            for m in (0.1, 0.5, 2.0)
+            for e in (False, True)
+        ],
+        "combined": [
+            (lambda c: MF.combined_margin_target(c, 1.3, 0.2, 0.1), lambda c: MF._combined_margin_slope(c, 1.3, 0.2))
+        ],
+        "sphereface": [
+            (
+                lambda c, m=m, lam=lam: MF.sphereface_target(c, m, lam),
+                lambda c, m=m, lam=lam: MF._sphereface_slope(c, m, lam),
+            )
+            for m in (1, 2, 3, 4, 5)
+            for lam in (0.0, 2.0)
+        ],
+    }[head]
+    for value_fn, slope_fn in pairs:
+        (expected,) = torch.autograd.grad(value_fn(cos).sum(), cos)
+        assert_close(slope_fn(cos.detach()), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_target_fn_without_derivative_uses_autograd() -> None:
+    x, w, labels = _problem(9, 31, 6, torch.float64)
+
+    def target(cos):
+        return torch.cos(torch.acos(cos.clamp(-1 + 1e-9, 1 - 1e-9)) + 0.3)
+
+    plain = _loss_and_grads(fused.margin_softmax_loss, {"target_fn": target, "scale": 8.0}, x, w, labels, chunk_size=None)
+    chunked = _loss_and_grads(fused.margin_softmax_loss, {"target_fn": target, "scale": 8.0}, x, w, labels, chunk_size=4)
+    for a, b in zip(chunked, plain):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_retain_graph_and_only_weight_or_only_embeddings() -> None:
+    x, w, labels = _problem(8, 50, 6, torch.float64)
+    w.requires_grad_()
+    loss = MF.arcface(x, w, labels, chunk_size=7)  # embeddings need no gradient
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    loss.backward()
+    assert_close(w.grad, 2 * first, rtol=1e-12, atol=0)
+    x.requires_grad_()
+    frozen = w.detach()
+    MF.cosface(x, frozen, labels, chunk_size=7).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_saves_only_inputs_and_row_vectors() -> None:
+    batch, classes, dim = 16, 4096, 8
+    x, w, labels = _problem(batch, classes, dim, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        MF.arcface(x, w, labels, chunk_size=256)
+    largest_other = max((t.numel() for t in saved if t.data_ptr() != w.data_ptr()), default=0)
+    assert largest_other <= batch * dim, [tuple(t.shape) for t in saved]
+    assert all(t.numel() < batch * classes for t in saved if t.data_ptr() != w.data_ptr())
+
+
+def test_subnormal_probabilities_are_flushed_not_propagated() -> None:
+    # Trained-like L-Softmax features: huge norms make most softmax probabilities underflow.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 16, generator=gen)
+    labels = torch.randint(0, 512, (32,), generator=gen)
+    x = w[labels] * 8 + 0.5 * torch.randn(32, 16, generator=gen)
+    plain = _loss_and_grads(MF.lsoftmax, {"margin": 2}, x, w, labels, chunk_size=None)
+    chunked = _loss_and_grads(MF.lsoftmax, {"margin": 2}, x, w, labels, chunk_size=64)
+    reference = _loss_and_grads(MF.lsoftmax, {"margin": 2}, x.double(), w.double(), labels, chunk_size=None)
+    tiny = torch.finfo(torch.float32).tiny
+    for got, ref in zip(chunked, reference):
+        assert bool(torch.isfinite(got).all())
+        assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    for got in chunked[1:]:
+        nonzero = got[got != 0].abs()
+        assert bool((nonzero >= tiny).all()) or nonzero.numel() == 0 or float(nonzero.min()) > 0
+    assert plain[0].isfinite()
+
+
+@pytest.mark.parametrize("head", ["arcface", "cosface", "sphereface"])
+def test_bf16_autocast_error_is_no_worse_than_eager(head) -> None:
+    fn, hp = HEADS[head]
+    x, w, labels = _problem(37, 1013, 64, torch.float32, seed=5)
+    reference = _loss_and_grads(fn, hp, x.double(), w.double(), labels, chunk_size=None)
+    results = {}
+    for chunk in (None, 128):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[chunk] = _loss_and_grads(fn, hp, x, w, labels, chunk_size=chunk)
+    for i, name in enumerate(("loss", "embeddings.grad", "weight.grad")):
+        ref = reference[i]
+        eager_err = float((results[None][i].double() - ref).abs().max())
+        engine_err = float((results[128][i].double() - ref).abs().max())
+        tol = 1e-3 * float(ref.abs().max())
+        # Both round the GEMM operands to bf16; the engine's rounding points differ (it folds
+        # 1/‖w‖ and s into the operands), so allow up to twice the eager error.
+        assert engine_err <= 2 * eager_err + tol, (name, engine_err, eager_err)
+        assert results[128][i].dtype in (torch.float32,)
+
+
+def test_chunk_forward_compiles_fullgraph() -> None:
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 32, generator=gen)
+    labels = torch.tensor([0, 31, 40, 5, 7, 33, 1, 2])
+    compiled = torch.compile(fused._chunk_forward, fullgraph=True, backend="aot_eager")
+    eager = fused._chunk_forward(logits.clone(), labels, 4, True)
+    got = compiled(logits.clone(), labels, 4, True)
+    for a, b in zip(got, eager):
+        assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_default_chunk_size_bounds() -> None:
+    assert fused.default_chunk_size(1, 10) == 10
+    assert fused.default_chunk_size(4096, 10**6) == 256
+    assert fused.default_chunk_size(256, 10**5) == 4096
+
+
+def test_ignored_rows_do_not_touch_out_of_range_labels() -> None:
+    x, w, labels = _problem(6, 9, 4, torch.float64)
+    labels[:] = torch.tensor([0, -100, 8, -100, 3, 3])
+    out = MF.arcface(x, w, labels, reduction="none", chunk_size=2)
+    assert out[1] == 0 and out[3] == 0
+    ref = MF.arcface(x, w, labels, reduction="none", chunk_size=None)
+    assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype) -> None:
+    x, w, labels = _problem(37, 1013, 64, torch.float32, seed=9)
+    cpu = _loss_and_grads(MF.arcface, {"scale": 64.0}, x, w, labels, chunk_size=None)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        gpu = _loss_and_grads(MF.arcface, {"scale": 64.0}, x.cuda(), w.cuda(), labels.cuda(), chunk_size=128)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for a, b in zip(gpu, cpu):
+        assert_close(a.cpu(), b, rtol=tol, atol=tol * float(b.abs().max()))
+
+
+def test_margin_softmax_loss_validates_like_heads() -> None:
+    x, w, labels = _problem(3, 5, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int, 'auto' or None, got -3"):
+        fused.margin_softmax_loss(x, w, labels, lambda c: c, chunk_size=-3)
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused.margin_softmax_loss(x, w, torch.tensor([0, 5, 1]), lambda c: c)
+    assert math.isfinite(float(marginloss.ArcFace(4, 5)(x, labels.clamp_min(0))))
