@@ -30,7 +30,7 @@ demo: $(VENV)/.examples
 	$(PY) examples/face/demo.py --out $(DEMO_DIR)
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check marginloss tests benchmarks examples docs
+	$(PY) -m ruff check .
 
 typecheck: $(VENV)/.dev
 	$(PY) -m mypy
