@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from marginloss import functional, fused, metrics, miners
+from marginloss import distributed, functional, fused, metrics, miners
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
 from marginloss.losses import CenterLoss, TripletLoss, center_loss, triplet_loss
@@ -20,6 +20,7 @@ __all__ = [
     "TripletLoss",
     "__version__",
     "center_loss",
+    "distributed",
     "functional",
     "fused",
     "metrics",

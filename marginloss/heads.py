@@ -12,19 +12,32 @@ Common keyword arguments (all heads):
 in :class:`torch.nn.CrossEntropyLoss`; ``chunk_size`` (``"auto"``) selects the memory-frugal
 chunked engine (``None`` = plain autograd, see :func:`marginloss.fused.margin_softmax_loss`);
 ``device`` and ``dtype`` place the weight.
+
+Class sharding (see :mod:`marginloss.distributed`): with ``process_group`` (default ``None``,
+one process) a head holds only its rank's rows
+``[shard_start, shard_start + shard_size)`` of the classes and ``forward`` returns, on every
+rank, the loss of the global batch gathered from all ranks; ``num_classes`` stays the total.
+``sample_rate`` (1.0) below 1 turns on PartialFC sampling of each shard's classes in training
+mode, seeded from ``(sample_seed, rank, step)`` (``sample_seed`` 0; the step is the buffer
+``sample_step``).  On a sharded head, ``cosine`` and the inference ``logits`` cover the
+local classes only.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from marginloss import _validation as V
+from marginloss import distributed as MD
 from marginloss import functional as MF
-from marginloss.fused import _NORM_EPS, ChunkSize
+from marginloss.fused import _NORM_EPS, ChunkSize, TargetFn
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ArcFace", "CombinedMargin", "CosFace", "LSoftmax", "NormFace", "SphereFace"]
 
@@ -33,6 +46,8 @@ class _MarginHead(nn.Module):
     """Shared storage, validation and inference helpers of the classification heads."""
 
     weight: Tensor
+    sample_step: Tensor
+    shard_layout: Tensor
     _normalize_embeddings = True
     _normalize_weight = True
 
@@ -49,6 +64,9 @@ class _MarginHead(nn.Module):
         label_smoothing: float,
         ignore_index: int,
         chunk_size: ChunkSize,
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
     ) -> None:
@@ -61,12 +79,49 @@ class _MarginHead(nn.Module):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
         self.chunk_size = V.check_chunk_size(chunk_size)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
+        self.sample_rate = V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
+        if isinstance(sample_seed, bool) or not isinstance(sample_seed, int):
+            raise TypeError(f"sample_seed must be an int, got {type(sample_seed).__name__}")
+        self.sample_seed = sample_seed
+        self.process_group = process_group
+        self.world_size, self.rank = MD._world(process_group)
+        self.shard_start, self.shard_size = MD.shard_range(num_classes, self.world_size, self.rank)
+        self.weight = nn.Parameter(torch.empty(self.shard_size, embedding_dim, device=device, dtype=dtype))
+        if process_group is not None:
+            layout = [num_classes, self.world_size, self.shard_start, self.shard_size]
+            self.register_buffer("shard_layout", torch.tensor(layout, device=self.weight.device))
+        if process_group is not None or self.sample_rate < 1.0:
+            self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64, device=self.weight.device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform initialisation of ``weight`` (the papers' Caffe ``xavier`` filler)."""
+        """Xavier-uniform initialisation of ``weight`` (the papers' Caffe ``xavier`` filler).
+
+        A class-sharded head draws its rows with the bound of the full matrix, from a
+        random stream of each rank's own.
+        """
+        if self.process_group is not None:
+            MD._init_shard_(self.weight, self.num_classes, self.rank)
+            return
         nn.init.xavier_uniform_(self.weight)
+
+    def _sharded(self) -> bool:
+        return self.process_group is not None or (self.sample_rate < 1.0 and self.training)
+
+    def _sharded_forward(self, embeddings: Tensor, labels: Tensor, target_fn: TargetFn) -> Tensor:
+        """The loss through :func:`marginloss.distributed.sharded_margin_softmax_loss`."""
+        sampling = self.training and self.sample_rate < 1.0
+        loss = MD.sharded_margin_softmax_loss(
+            embeddings, self.weight, labels, target_fn, num_classes=self.num_classes,
+            process_group=self.process_group, scale=self._scale,
+            normalize_embeddings=self._normalize_embeddings,
+            normalize_weight=self._normalize_weight, **self._loss_kwargs(),
+            sample_rate=self.sample_rate if sampling else 1.0, sample_seed=self.sample_seed,
+            sample_step=int(self.sample_step),
+        )
+        if sampling:
+            self.sample_step.add_(1)
+        return loss
 
     def _loss_kwargs(self) -> dict[str, Any]:
         return {
@@ -102,6 +157,12 @@ class _MarginHead(nn.Module):
 
         Materialises the full matrix; for the loss use ``forward``, which need not.
         """
+        if labels is not None and self.process_group is not None:
+            raise ValueError(
+                f"logits(embeddings, labels) needs every class, but this class-sharded head holds "
+                f"classes [{self.shard_start}, {self.shard_start + self.shard_size}) only: use forward "
+                f"for the loss, or marginloss.distributed.gather_weight for the full weight"
+            )
         cosine = self.cosine(embeddings)
         x_norm, w_norm = self._norms(embeddings, cosine)
         if labels is not None:
@@ -117,6 +178,11 @@ class _MarginHead(nn.Module):
         fields = [f"embedding_dim={self.embedding_dim}", f"num_classes={self.num_classes}"]
         fields += [f"{k}={v!r}" for k, v in self._hyperparameters().items()]
         fields += [f"{k}={v!r}" for k, v in self._loss_kwargs().items()]
+        if self.process_group is not None:
+            end = self.shard_start + self.shard_size
+            fields.append(f"process_group=<rank {self.rank} of {self.world_size}, classes [{self.shard_start}, {end})>")
+        if self.sample_rate < 1.0:
+            fields += [f"sample_rate={self.sample_rate!r}", f"sample_seed={self.sample_seed!r}"]
         return ", ".join(fields)
 
     def _hyperparameters(self) -> dict[str, Any]:
@@ -155,6 +221,8 @@ class ArcFace(_MarginHead):
         :math:`\sin(\theta+m)/\sin\theta`.
     reduction, label_smoothing, ignore_index, chunk_size, device, dtype
         See :mod:`marginloss.heads`.
+    process_group, sample_rate, sample_seed
+        Class sharding and PartialFC sampling; see :mod:`marginloss.distributed`.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -184,6 +252,9 @@ class ArcFace(_MarginHead):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -192,7 +263,8 @@ class ArcFace(_MarginHead):
         self.straight_through = bool(straight_through)
         super().__init__(
             embedding_dim, num_classes, reduction=reduction, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, chunk_size=chunk_size, device=device, dtype=dtype,
+            ignore_index=ignore_index, chunk_size=chunk_size, process_group=process_group,
+            sample_rate=sample_rate, sample_seed=sample_seed, device=device, dtype=dtype,
         )
 
     def _hyperparameters(self) -> dict[str, Any]:
@@ -204,6 +276,13 @@ class ArcFace(_MarginHead):
         }
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self._sharded():
+            return self._sharded_forward(
+                embeddings, labels,
+                lambda cos: MF.arcface_target(
+                    cos, self.margin, easy_margin=self.easy_margin, straight_through=self.straight_through
+                ),
+            )
         self._check_embeddings(embeddings)
         return MF.arcface(embeddings, self.weight, labels, **self._hyperparameters(), **self._loss_kwargs())
 
@@ -230,6 +309,8 @@ class CosFace(_MarginHead):
         :math:`m` in ``[0, 2)``; 0.35 is the CosFace paper's best setting.
     reduction, label_smoothing, ignore_index, chunk_size, device, dtype
         See :mod:`marginloss.heads`.
+    process_group, sample_rate, sample_seed
+        Class sharding and PartialFC sampling; see :mod:`marginloss.distributed`.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -254,19 +335,25 @@ class CosFace(_MarginHead):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.scale, self.margin = MF._check_cosface_args(scale, margin)
         super().__init__(
             embedding_dim, num_classes, reduction=reduction, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, chunk_size=chunk_size, device=device, dtype=dtype,
+            ignore_index=ignore_index, chunk_size=chunk_size, process_group=process_group,
+            sample_rate=sample_rate, sample_seed=sample_seed, device=device, dtype=dtype,
         )
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"scale": self.scale, "margin": self.margin}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self._sharded():
+            return self._sharded_forward(embeddings, labels, lambda cos: MF.cosface_target(cos, self.margin))
         self._check_embeddings(embeddings)
         return MF.cosface(embeddings, self.weight, labels, **self._hyperparameters(), **self._loss_kwargs())
 
@@ -299,6 +386,8 @@ class CombinedMargin(_MarginHead):
         InsightFace's combined setting is ``(1.0, 0.3, 0.2)``.
     reduction, label_smoothing, ignore_index, chunk_size, device, dtype
         See :mod:`marginloss.heads`.
+    process_group, sample_rate, sample_seed
+        Class sharding and PartialFC sampling; see :mod:`marginloss.distributed`.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -325,19 +414,27 @@ class CombinedMargin(_MarginHead):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.scale, self.m1, self.m2, self.m3 = MF._check_combined_args(scale, m1, m2, m3)
         super().__init__(
             embedding_dim, num_classes, reduction=reduction, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, chunk_size=chunk_size, device=device, dtype=dtype,
+            ignore_index=ignore_index, chunk_size=chunk_size, process_group=process_group,
+            sample_rate=sample_rate, sample_seed=sample_seed, device=device, dtype=dtype,
         )
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"scale": self.scale, "m1": self.m1, "m2": self.m2, "m3": self.m3}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self._sharded():
+            return self._sharded_forward(
+                embeddings, labels, lambda cos: MF.combined_margin_target(cos, self.m1, self.m2, self.m3)
+            )
         self._check_embeddings(embeddings)
         return MF.combined_margin(embeddings, self.weight, labels, **self._hyperparameters(), **self._loss_kwargs())
 
@@ -364,6 +461,8 @@ class NormFace(_MarginHead):
         about :math:`10^6` classes.
     reduction, label_smoothing, ignore_index, chunk_size, device, dtype
         See :mod:`marginloss.heads`.
+    process_group, sample_rate, sample_seed
+        Class sharding and PartialFC sampling; see :mod:`marginloss.distributed`.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -387,19 +486,25 @@ class NormFace(_MarginHead):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.scale = MF._check_scale(scale)
         super().__init__(
             embedding_dim, num_classes, reduction=reduction, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, chunk_size=chunk_size, device=device, dtype=dtype,
+            ignore_index=ignore_index, chunk_size=chunk_size, process_group=process_group,
+            sample_rate=sample_rate, sample_seed=sample_seed, device=device, dtype=dtype,
         )
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {"scale": self.scale}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self._sharded():
+            return self._sharded_forward(embeddings, labels, lambda cos: cos)
         self._check_embeddings(embeddings)
         return MF.normface(embeddings, self.weight, labels, **self._hyperparameters(), **self._loss_kwargs())
 
@@ -482,6 +587,8 @@ class SphereFace(_AnnealedHead):
         ``lambda_min`` of its ``margin_inner_product`` layer).
     reduction, label_smoothing, ignore_index, chunk_size, device, dtype
         See :mod:`marginloss.heads`.
+    process_group, sample_rate, sample_seed
+        Class sharding and PartialFC sampling; see :mod:`marginloss.distributed`.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -515,6 +622,9 @@ class SphereFace(_AnnealedHead):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -522,10 +632,16 @@ class SphereFace(_AnnealedHead):
             embedding_dim, num_classes, margin=margin, lambda_base=lambda_base,
             lambda_gamma=lambda_gamma, lambda_power=lambda_power, lambda_min=lambda_min,
             reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            chunk_size=chunk_size, device=device, dtype=dtype,
+            chunk_size=chunk_size, process_group=process_group, sample_rate=sample_rate,
+            sample_seed=sample_seed, device=device, dtype=dtype,
         )
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self._sharded():
+            lambda_ = self._step_lambda()
+            return self._sharded_forward(
+                embeddings, labels, lambda cos: MF.sphereface_target(cos, self.margin, lambda_)
+            )
         self._check_embeddings(embeddings)
         return MF.sphereface(
             embeddings, self.weight, labels, margin=self.margin, lambda_=self._step_lambda(),
@@ -564,6 +680,8 @@ class LSoftmax(_AnnealedHead):
         settings).
     reduction, label_smoothing, ignore_index, chunk_size, device, dtype
         See :mod:`marginloss.heads`.
+    process_group, sample_rate, sample_seed
+        Class sharding and PartialFC sampling; see :mod:`marginloss.distributed`.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -594,6 +712,9 @@ class LSoftmax(_AnnealedHead):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -601,10 +722,16 @@ class LSoftmax(_AnnealedHead):
             embedding_dim, num_classes, margin=margin, lambda_base=lambda_base,
             lambda_gamma=lambda_gamma, lambda_power=lambda_power, lambda_min=lambda_min,
             reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            chunk_size=chunk_size, device=device, dtype=dtype,
+            chunk_size=chunk_size, process_group=process_group, sample_rate=sample_rate,
+            sample_seed=sample_seed, device=device, dtype=dtype,
         )
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self._sharded():
+            lambda_ = self._step_lambda()
+            return self._sharded_forward(
+                embeddings, labels, lambda cos: MF.lsoftmax_target(cos, self.margin, lambda_)
+            )
         self._check_embeddings(embeddings)
         return MF.lsoftmax(
             embeddings, self.weight, labels, margin=self.margin, lambda_=self._step_lambda(),

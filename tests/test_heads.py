@@ -185,7 +185,9 @@ def test_module_matches_functional_and_logits(head: str) -> None:
 def test_module_and_functional_signatures_agree(head: str) -> None:
     module_params = inspect.signature(CLASSES[head].__init__).parameters
     function_params = inspect.signature(FUNCTIONS[head]).parameters
-    module_kw = [n for n, p in module_params.items() if p.kind is p.KEYWORD_ONLY and n not in ("device", "dtype")]
+    # Placement and class sharding belong to the module only (see marginloss.distributed).
+    module_only = ("process_group", "sample_rate", "sample_seed", "device", "dtype")
+    module_kw = [n for n, p in module_params.items() if p.kind is p.KEYWORD_ONLY and n not in module_only]
     function_kw = [n for n, p in function_params.items() if p.kind is p.KEYWORD_ONLY]
     if head in ("sphereface", "lsoftmax"):
         # The module holds the annealing schedule; the function takes its current value.
