@@ -404,7 +404,7 @@ def _combine_rows(
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     # The target logit is non-zero on the rank holding the target only: summing is exact.
-    parts = [torch.exp(lse_local - row_max), target_local]
+    parts = [torch.exp(lse_local - row_max), target_local.to(lse_local.dtype)]
     if sum_local is not None:
         parts.append(sum_local)
     stacked = torch.stack(parts)
@@ -443,8 +443,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             rows = weight[labels.clamp(0, weight.shape[0] - 1)].to(compute)
             cos, radius = _target_cos_radius(x, rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
             target_local = torch.where(owned, radius * cfg.target_fn(cos), torch.zeros_like(cos))
-            lse, sum_rest, target_logit = _combine_rows(lse_local, sum_local, target_local, group)
-            row = _row_loss(lse, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing)
+            lse, sum_rest, target_logit = _combine_rows(
+                lse_local, sum_local, target_local.to(lse_local.dtype), group
+            )
+            row = _row_loss(lse, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing).to(compute)
         saved = [embeddings, weight, labels, valid, lse, target_logit]
         ctx.save_for_backward(*saved, *([sum_rest] if sum_rest is not None else []))
         ctx.cfg = cfg  # type: ignore[attr-defined]
@@ -479,7 +481,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                 sum_leaf = sum_rest.detach().requires_grad_(True) if sum_rest is not None else None
                 row = _row_loss(lse_leaf, sum_leaf, target_leaf, cfg.num_classes, cfg.label_smoothing)
                 leaves = [lse_leaf, target_leaf] + ([sum_leaf] if sum_leaf is not None else [])
-                grads = torch.autograd.grad(row, leaves, grad_row)
+                grads = torch.autograd.grad(row, leaves, grad_row.to(row.dtype))
             grad_lse, grad_target = grads[0], grads[1]
             grad_sum = grads[2] if sum_leaf is not None else None
 
@@ -498,7 +500,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                     )
                     target = radius * cfg.target_fn(cos)
                     inputs = [t for t in (x_leaf, rows_leaf) if t.requires_grad]
-                    target_grads = list(torch.autograd.grad(target, inputs, grad_target, allow_unused=True))
+                    target_grads = list(
+                        torch.autograd.grad(target, inputs, grad_target.to(target.dtype), allow_unused=True)
+                    )
                 if need_x:
                     grad_x_target = target_grads.pop(0)
                 if need_w:

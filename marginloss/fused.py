@@ -179,26 +179,32 @@ def _plain_parts(
 # ---------------------------------------------------------------- chunked path
 
 
-def _chunk_logits(
-    xs: Tensor,
-    weight_chunk: Tensor,
-    normalize_weight: bool,
-    compute: torch.dtype,
-) -> tuple[Tensor, Tensor | None]:
-    """``[B, n]`` logits of one class chunk (``xs`` already scaled) and the rows' 1/‖w‖."""
+def _weight_inv_norms(weight: Tensor, normalize_weight: bool, compute: torch.dtype) -> Tensor | None:
+    """``1/‖w_j‖`` for every row (an O(C) vector), or None without weight normalisation."""
+    if not normalize_weight:
+        return None
+    norms: Tensor = torch.linalg.vector_norm(weight, dim=1, dtype=compute)
+    return norms.clamp_min_(_NORM_EPS).reciprocal_()
+
+
+def _chunk_logits(xs: Tensor, weight_chunk: Tensor, inv_norm: Tensor | None, compute: torch.dtype) -> Tensor:
+    """``[B, n]`` logits of one class chunk (``xs`` already scaled, ``inv_norm`` its rows' 1/‖w‖)."""
     logits = torch.mm(xs, weight_chunk.to(xs.dtype).T)
     if logits.dtype != compute:
         logits = logits.to(compute)
-    if not normalize_weight:
-        return logits, None
-    inv_norm = weight_chunk.to(compute).norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
-    return logits.mul_(inv_norm), inv_norm
+    return logits if inv_norm is None else logits.mul_(inv_norm)
 
 
 def _local_target(labels: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
     local = labels - start
     inside = (local >= 0) & (local < width)
     return local.clamp(0, width - 1)[:, None], inside[:, None]
+
+
+def _log_tiny(dtype: torch.dtype) -> float:
+    # exp() below this would be a subnormal float: such entries are made exact zeros instead,
+    # because subnormal operands slow CPU arithmetic and GEMMs down by an order of magnitude.
+    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 def _chunk_forward(
@@ -216,10 +222,10 @@ def _chunk_forward(
     logits.scatter_(1, local, torch.where(inside, -math.inf, at_target))
     row_max = logits.amax(dim=1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    shifted = logits.sub_(row_max)
-    # exp() of anything below log(tiny) would be subnormal: make it an exact zero instead.
-    shifted.masked_fill_(shifted < math.log(torch.finfo(logits.dtype).tiny), -math.inf)
-    lse = shifted.exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
+    shifted = torch.threshold_(logits.sub_(row_max), _log_tiny(logits.dtype), -math.inf)
+    # Row statistics are O(B): keep them in float64 so lse ~ s = 64 carries no fp32 rounding.
+    log_sum = shifted.exp_().sum(dim=1).log_()
+    lse = log_sum.to(torch.float64) + row_max.squeeze(1).to(torch.float64)
     return lse, chunk_sum
 
 
@@ -227,20 +233,21 @@ def _chunk_grad_logits(
     logits: Tensor,
     labels: Tensor,
     start: int,
-    lse_rest: Tensor,
-    grad_lse: Tensor,
-    log_cutoff: Tensor,
+    shift_hi: Tensor,
+    shift_lo: Tensor,
     grad_sum: Tensor | None,
 ) -> Tensor:
-    """dL/dlogits of one chunk: ``softmax_rest * grad_lse (+ grad_sum)``, target column 0.
+    """``|dL/dlogits|`` of one chunk, ``exp(logits - hi + lo)`` (``+ grad_sum``), target column 0.
 
-    ``log_cutoff`` is, per row, the log-probability below which the product with
-    ``grad_lse`` would be subnormal; those entries become exact zeros.  Overwrites ``logits``.
+    ``hi - lo = lse_rest - log|grad_lse|`` folds the per-row gradient into the exponent, so
+    one scalar threshold turns every entry whose gradient would be subnormal into an exact
+    zero; ``hi`` is ``lse_rest`` rounded to the compute dtype, so ``logits - hi`` is exact
+    for the entries that matter and ``lo`` is small.  Overwrites ``logits``.
     """
     local, inside = _local_target(labels, start, logits.shape[1])
-    shifted = logits.sub_(lse_rest[:, None])
-    shifted.masked_fill_(shifted < log_cutoff[:, None], -math.inf)
-    grad = shifted.exp_().mul_(grad_lse[:, None])
+    shifted = logits.sub_(shift_hi[:, None]).add_(shift_lo[:, None])
+    shifted = torch.threshold_(shifted, _log_tiny(logits.dtype), -math.inf)
+    grad = shifted.exp_()
     if grad_sum is not None:
         grad.add_(grad_sum[:, None])
     # The target column is not part of the "rest": its gradient goes through the margin.
@@ -301,24 +308,33 @@ def scaled_embeddings_backward(
 
 
 def rest_logsumexp(
-    xs: Tensor, weight: Tensor, labels: Tensor, cfg: _Config, compute: torch.dtype
+    xs: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    cfg: _Config,
+    compute: torch.dtype,
+    inv_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """O(B) log-sum-exp (and sum, with label smoothing) of the non-target logits over the rows
-    of ``weight``, chunk by chunk.
+    of ``weight``, chunk by chunk, returned in float64.
 
     ``labels`` index rows of ``weight``; a label outside ``[0, len(weight))`` (a target held
-    by another shard) excludes nothing.  ``xs`` are the scaled embeddings in the GEMM dtype.
+    by another shard) excludes nothing.  ``xs`` are the scaled embeddings in the GEMM dtype;
+    ``inv_norms`` the rows' 1/‖w‖ if already known.
     """
     need_sum = cfg.label_smoothing > 0.0
-    lse_rest = torch.full((xs.shape[0],), -math.inf, dtype=compute, device=xs.device)
+    if inv_norms is None:
+        inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
+    lse_rest = torch.full((xs.shape[0],), -math.inf, dtype=torch.float64, device=xs.device)
     sum_rest = torch.zeros_like(lse_rest) if need_sum else None
     for start in range(0, weight.shape[0], cfg.chunk_size):
-        chunk = weight[start : start + cfg.chunk_size]
-        logits, _ = _chunk_logits(xs, chunk, cfg.normalize_weight, compute)
+        stop = start + cfg.chunk_size
+        inv = None if inv_norms is None else inv_norms[start:stop]
+        logits = _chunk_logits(xs, weight[start:stop], inv, compute)
         chunk_lse, chunk_sum = _chunk_forward(logits, labels, start, need_sum)
         lse_rest = torch.logaddexp(lse_rest, chunk_lse)
         if sum_rest is not None and chunk_sum is not None:
-            sum_rest = sum_rest + chunk_sum
+            sum_rest = sum_rest + chunk_sum.to(torch.float64)
     return lse_rest, sum_rest
 
 
@@ -333,6 +349,7 @@ def rest_backward(
     compute: torch.dtype,
     need_x: bool,
     need_w: bool,
+    inv_norms: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Backward of :func:`rest_logsumexp`: gradients for the scaled embeddings ``xs`` and for
     ``weight`` (through its row normalisation), recomputing each chunk's logits.
@@ -340,28 +357,47 @@ def rest_backward(
     ``weight.grad`` rows are written chunk by chunk into one ``empty_like(weight)``.
     """
     gemm = xs.dtype
-    tiny = torch.finfo(compute).tiny
-    # Probabilities whose product with grad_lse would be subnormal become exact zeros.
-    log_cutoff = math.log(tiny) - grad_lse.abs().clamp_min(tiny).log() + 1.0
+    if inv_norms is None:
+        inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
+    # dL/dz_ij = sign_i (|g_i| p_ij + sign_i h_i): the GEMMs see |g_i| p_ij folded into one exp
+    # and the per-row sign is applied to the B x D operands instead of the B x chunk block.
+    sign = torch.where(grad_lse < 0, -1.0, 1.0).to(compute)
+    shift_hi = lse_rest.to(compute)
+    shift_lo = (grad_lse.to(torch.float64).abs().log() - (lse_rest - shift_hi.to(torch.float64))).to(compute)
+    signed_sum = None if grad_sum is None else (grad_sum * sign).to(compute)
+    xs_signed = xs * sign.to(gemm)[:, None]
     grad_xs = torch.zeros(xs.shape, dtype=compute, device=xs.device) if need_x else None
     grad_weight = torch.empty_like(weight) if need_w else None
+    direct = grad_weight is not None and grad_weight.dtype == gemm == compute
     for start in range(0, weight.shape[0], cfg.chunk_size):
-        chunk = weight[start : start + cfg.chunk_size]
-        logits, inv_norm = _chunk_logits(xs, chunk, cfg.normalize_weight, compute)
-        grad_logits = _chunk_grad_logits(logits, labels, start, lse_rest, grad_lse, log_cutoff, grad_sum)
-        if inv_norm is not None:
-            grad_logits.mul_(inv_norm)
+        stop = start + cfg.chunk_size
+        chunk = weight[start:stop]
+        inv = None if inv_norms is None else inv_norms[start:stop]
+        logits = _chunk_logits(xs, chunk, inv, compute)
+        grad_logits = _chunk_grad_logits(logits, labels, start, shift_hi, shift_lo, signed_sum)
+        if inv is not None:
+            grad_logits.mul_(inv)
         grad_logits = grad_logits.to(gemm)
         if grad_xs is not None:
-            grad_xs.add_(torch.mm(grad_logits, chunk.to(gemm)).to(compute))
+            if gemm == compute:
+                grad_xs.addmm_(grad_logits, chunk.to(gemm))
+            else:
+                grad_xs.add_(torch.mm(grad_logits, chunk.to(gemm)).to(compute))
         if grad_weight is not None:
-            grad_chunk = torch.mm(grad_logits.T, xs).to(compute)
-            if inv_norm is not None:
-                # Through w -> w/‖w‖:  (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (1/‖w‖ already folded in).
+            out = grad_weight[start:stop]
+            if direct:
+                grad_chunk = torch.mm(grad_logits.T, xs_signed, out=out)
+            else:
+                grad_chunk = torch.mm(grad_logits.T, xs_signed).to(compute)
+            if inv is not None:
+                # Through w -> w/‖w‖: (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (1/‖w‖ already folded in).
                 chunk_c = chunk.to(compute)
-                coef = (chunk_c * grad_chunk).sum(dim=1).mul_(inv_norm.square())
-                grad_chunk.sub_(chunk_c * coef[:, None])
-            grad_weight[start : start + cfg.chunk_size].copy_(grad_chunk)
+                coef = torch.einsum("ij,ij->i", chunk_c, grad_chunk).mul_(inv.square())
+                grad_chunk.addcmul_(chunk_c, coef[:, None], value=-1.0)
+            if not direct:
+                out.copy_(grad_chunk)
+    if grad_xs is not None:
+        grad_xs.mul_(sign[:, None])
     return grad_xs, grad_weight
 
 
@@ -383,9 +419,9 @@ def _target_backward(
     value = cfg.target_fn(cos)
     target_logit = radius * value
     eps, num_classes = cfg.label_smoothing, cfg.num_classes
-    sig = torch.sigmoid(lse_rest - target_logit)  # d softplus(r - t) / dr
+    sig = torch.sigmoid(lse_rest - target_logit.to(lse_rest.dtype))  # d softplus(r - t) / dr
     grad_lse = grad_row * sig
-    grad_t = grad_row * (eps - eps / num_classes - sig)
+    grad_t = (grad_row * (eps - eps / num_classes - sig)).to(cos.dtype)
     grad_sum = grad_row * (-eps / num_classes) if sum_rest is not None else None
     grad_cos = grad_t * radius * cfg.target_grad(cos)
     grad_radius = grad_t * value
@@ -419,10 +455,10 @@ def _target_backward_autograd(
         cos, radius = _target_cos_radius(
             x_leaf, rows_leaf, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
         )
-        target_logit = radius * cfg.target_fn(cos)
+        target_logit = (radius * cfg.target_fn(cos)).to(lse_leaf.dtype)
         row = _row_loss(lse_leaf, sum_leaf, target_logit, cfg.num_classes, cfg.label_smoothing)
         inputs = [lse_leaf, x_leaf, rows_leaf] + ([sum_leaf] if sum_leaf is not None else [])
-        grads = torch.autograd.grad(row, inputs, grad_row, allow_unused=True)
+        grads = torch.autograd.grad(row, inputs, grad_row.to(row.dtype), allow_unused=True)
     zero = torch.zeros_like
     grad_lse = grads[0] if grads[0] is not None else zero(lse_rest)
     grad_x = grads[1] if grads[1] is not None else zero(x_leaf)
@@ -452,15 +488,16 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
-            lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute)
+            inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
+            lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute, inv_norms)
             cos, radius = _target_cos_radius(
                 x, weight[labels].to(compute), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
             )
-            target_logit = radius * cfg.target_fn(cos)
+            target_logit = (radius * cfg.target_fn(cos)).to(lse_rest.dtype)
             row = _row_loss(lse_rest, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing)
-        ctx.save_for_backward(embeddings, weight, labels, valid, lse_rest, *(
-            [sum_rest] if sum_rest is not None else []
-        ))
+            row = row.to(compute)
+        # Inputs plus O(B) row statistics and the O(C) 1/‖w‖ (never a [B, C] block).
+        ctx.save_for_backward(embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms)  # type: ignore[arg-type]
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.compute = compute  # type: ignore[attr-defined]
         ctx.gemm = gemm  # type: ignore[attr-defined]
@@ -474,8 +511,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
         compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
-        embeddings, weight, labels, valid, lse_rest, *rest = ctx.saved_tensors  # type: ignore[attr-defined]
-        sum_rest = rest[0] if rest else None
+        embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms = ctx.saved_tensors  # type: ignore[attr-defined]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         grad_row = torch.where(valid, grad_row.to(compute), 0.0)
 
@@ -502,7 +538,8 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             xs, x_inv_norm = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
             grad_xs, grad_weight = rest_backward(
-                xs_gemm, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w
+                xs_gemm, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w,
+                inv_norms,
             )
 
             grad_embeddings = None

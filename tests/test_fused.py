@@ -49,8 +49,8 @@ def test_fused_equals_plain_fp32(head, reduction, smoothing, batch, classes) -> 
     """fp32 engine vs fp32 plain autograd, both judged against the float64 reference.
 
     The loss agrees to 1e-6 relative.  For gradients at s = 64 the plain fp32 path is itself
-    ~2e-6 (relative to the largest entry) away from float64; the engine's different but
-    equally valid summation order may land up to about twice as far, never more.
+    ~2e-6 (relative to the largest entry) away from float64; the engine keeps its row
+    statistics in float64 and must be at least as close, up to 1e-6.
     """
     fn, hp = HEADS[head]
     x, w, labels = _problem(batch, classes, 24, torch.float32)
@@ -64,7 +64,7 @@ def test_fused_equals_plain_fp32(head, reduction, smoothing, batch, classes) -> 
             scale = float(ref.abs().max()) or 1.0
             engine_err = float((got.double() - ref).abs().max()) / scale
             eager_err = float((eager.double() - ref).abs().max()) / scale
-            assert engine_err <= 2 * eager_err + 1e-6, (name, chunk, engine_err, eager_err)
+            assert engine_err <= eager_err + 1e-6, (name, chunk, engine_err, eager_err)
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))
@@ -137,6 +137,7 @@ def test_retain_graph_and_only_weight_or_only_embeddings() -> None:
 
 
 def test_saves_only_inputs_and_row_vectors() -> None:
+    """Besides the inputs, backward keeps O(B) row statistics and the O(C) 1/‖w‖, no [B, C]."""
     batch, classes, dim = 16, 4096, 8
     x, w, labels = _problem(batch, classes, dim, torch.float32)
     x.requires_grad_()
@@ -150,7 +151,8 @@ def test_saves_only_inputs_and_row_vectors() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         MF.arcface(x, w, labels, chunk_size=256)
     largest_other = max((t.numel() for t in saved if t.data_ptr() != w.data_ptr()), default=0)
-    assert largest_other <= batch * dim, [tuple(t.shape) for t in saved]
+    assert largest_other <= max(batch * dim, classes), [tuple(t.shape) for t in saved]
+    assert all(t.dim() <= 1 for t in saved if t.data_ptr() not in (w.data_ptr(), x.data_ptr()))
     assert all(t.numel() < batch * classes for t in saved if t.data_ptr() != w.data_ptr())
 
 
