@@ -26,7 +26,8 @@ Every (scenario, method, C, dtype) runs in a fresh subprocess: warm-up step(s), 
 the weight's gradient: ``W.grad`` starts as ``None`` (``zero_grad(set_to_none=True)``), so
 the step's gradient becomes ``W.grad`` and its size is subtracted.
 
-Writes ``<out>/<device>.json``, ``.md`` and ``.png`` (``<device>-quick.*`` with ``--quick``)
+Writes ``<out>/<device>.json``, ``.md`` and ``.png`` (``<device>-quick.*`` into a temporary
+folder with ``--quick``)
 and, for a full run into ``benchmarks/results``, the table in ``benchmarks/README.md``.
 
 Examples::
@@ -50,6 +51,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -183,15 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cap on timed seconds per config; repeats shrink to fit (default 90; quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in workers")
     parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results; quick: <tmp>/marginloss-benchmarks-quick)")
     parser.add_argument("--tag", default="", help="suffix for the result files: <device>-<tag>.* (e.g. omp-passive)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-render <stem>.md, <stem>.png (and the README table) from a results JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
     quick = args.quick
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "marginloss-benchmarks-quick" if quick else DEFAULT_OUT
     if args.sizes is None:
         args.sizes = [1000, 10_000] if quick else [10_000, 100_000, 1_000_000]
     smallest = [min(args.sizes)] if args.sizes else []
@@ -785,20 +792,33 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def result_stem(device: str, tag: str, quick: bool) -> str:
+    return "-".join(filter(None, [device, tag, "quick" if quick else ""]))
+
+
 def update_readme(report: dict[str, Any], readme: Path) -> bool:
-    """Replace the table between ``<!-- results:<device> -->`` markers in the README."""
-    device = report["device"]
-    start, end = f"<!-- results:{device} -->", f"<!-- /results:{device} -->"
+    """Replace the text between ``<!-- results:<stem> -->`` markers in the README."""
+    device, stem = report["device"], result_stem(report["device"], report["tag"], report["quick"])
+    start, end = f"<!-- results:{stem} -->", f"<!-- /results:{stem} -->"
     if not readme.exists():
         return False
     text = readme.read_text()
     if start not in text or end not in text:
         return False
-    body = []
+    machine, code = report["machine"], report["code"]
+    loads = [v for e in report["results"] for v in e["load"]]
+    env = "".join(f", {k}={v}" for k, v in machine.get("env", {}).items())
+    body = [f"{machine['device_name']} ({machine['logical_cores']} cores, {machine['torch_threads']} torch "
+            f"threads{env}), commit {code['commit']}{' + local changes' if code['marginloss_dirty'] else ''}, "
+            f"{report['finished'][:10]}; load average during the run {_fmt(min(loads, default=None), 1)}"
+            f"-{_fmt(max(loads, default=None), 1)}.", ""]
     for dtype in dtypes_for(device):
         table = main_table(report["results"], device, dtype)
         if len(table) > 2:
-            body += [f"{report['machine']['device_name']}, {dtype}, {report['finished'][:10]}:", "", *table, ""]
+            body += [f"{dtype}:", "", *table, ""]
+        body += [f"- {t['target']}: **{_fmt(t['measured'], 0 if t['unit'] == 'MiB' else 2)} {t['unit']}** "
+                 f"({'met' if t['met'] else 'not met'})" for t in report["targets"] if t["dtype"] == dtype]
+        body.append("")
     before, rest = text.split(start, 1)
     after = rest.split(end, 1)[1]
     readme.write_text(before + start + "\n" + "\n".join(body) + end + after)
@@ -854,6 +874,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker is not None:
         print(RESULT_PREFIX + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return 0
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        report.setdefault("tag", "")
+        write_reports(report, args.render.with_suffix(""), readme=not (report["quick"] or args.no_readme)
+                      and args.render.parent.resolve() == DEFAULT_OUT.resolve())
+        return 0
     resolve_defaults(args)
     configs = build_configs(args)
     if not configs:
@@ -896,17 +922,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for t in check_targets(device_entries, device, dtype)],
             "results": device_entries,
         }
-        stem = args.out / "-".join(filter(None, [device, args.tag, "quick" if args.quick else ""]))
+        stem = args.out / result_stem(device, args.tag, args.quick)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        markdown = render_markdown(report)
-        stem.with_suffix(".md").write_text(markdown)
-        render_plot(report, stem.with_suffix(".png"))
-        print("\n" + markdown)
-        print(f"wrote {stem}.json, {stem}.md, {stem}.png")
-        if not (args.quick or args.tag or args.no_readme) and args.out.resolve() == DEFAULT_OUT.resolve():
-            if update_readme(report, README):
-                print(f"updated the {device} table in {README}")
+        write_reports(report, stem, readme=not (args.quick or args.no_readme)
+                      and args.out.resolve() == DEFAULT_OUT.resolve())
     return 0
+
+
+def write_reports(report: dict[str, Any], stem: Path, readme: bool) -> None:
+    """``<stem>.md`` and ``<stem>.png`` from a report, and its table in the README if asked."""
+    markdown = render_markdown(report)
+    stem.with_suffix(".md").write_text(markdown)
+    render_plot(report, stem.with_suffix(".png"))
+    print("\n" + markdown)
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    if readme and update_readme(report, README):
+        print(f"updated the {stem.name} table in {README}")
 
 
 if __name__ == "__main__":

@@ -214,14 +214,24 @@ def _construct_head(
     if head == "softmax":
         return SoftmaxHead(embedding_dim, num_classes)
     if head == "normface":
-        return marginloss.NormFace(embedding_dim, num_classes, scale=hparams["scale"])
+        return marginloss.NormFace(
+            embedding_dim, num_classes, scale=hparams["scale"], chunk_size=None
+        )
     if head == "arcface":
         return marginloss.ArcFace(
-            embedding_dim, num_classes, scale=hparams["scale"], margin=hparams["margin"]
+            embedding_dim,
+            num_classes,
+            scale=hparams["scale"],
+            margin=hparams["margin"],
+            chunk_size=None,
         )
     if head == "cosface":
         return marginloss.CosFace(
-            embedding_dim, num_classes, scale=hparams["scale"], margin=hparams["margin"]
+            embedding_dim,
+            num_classes,
+            scale=hparams["scale"],
+            margin=hparams["margin"],
+            chunk_size=None,
         )
     if head == "sphereface":
         half = max(total_steps // 2, 1)
@@ -233,6 +243,7 @@ def _construct_head(
             lambda_gamma=(SPHEREFACE_LAMBDA_BASE / SPHEREFACE_LAMBDA_MIN - 1.0) / half,
             lambda_power=1.0,
             lambda_min=SPHEREFACE_LAMBDA_MIN,
+            chunk_size=None,
         )
     raise ValueError(f"unknown head {head!r}")
 
