@@ -207,6 +207,17 @@ def _log_tiny(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
+def _flushed_exp_(exponent: Tensor) -> Tensor:
+    """In-place ``exp`` whose would-be-subnormal results are exact zeros.
+
+    Clamping first keeps ``exp`` itself off subnormal results (13x slower on some CPUs);
+    everything at the clamp value is then zeroed in one pass.
+    """
+    cutoff = _log_tiny(exponent.dtype)
+    floor_value = math.exp(cutoff)
+    return torch.threshold_(exponent.clamp_min_(cutoff).exp_(), floor_value, 0.0)
+
+
 def _chunk_forward(
     logits: Tensor, labels: Tensor, start: int, need_sum: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -222,9 +233,9 @@ def _chunk_forward(
     logits.scatter_(1, local, torch.where(inside, -math.inf, at_target))
     row_max = logits.amax(dim=1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    shifted = torch.threshold_(logits.sub_(row_max), _log_tiny(logits.dtype), -math.inf)
+    probs = _flushed_exp_(logits.sub_(row_max))
     # Row statistics are O(B): keep them in float64 so lse ~ s = 64 carries no fp32 rounding.
-    log_sum = shifted.exp_().sum(dim=1).log_()
+    log_sum = probs.sum(dim=1).log_()
     lse = log_sum.to(torch.float64) + row_max.squeeze(1).to(torch.float64)
     return lse, chunk_sum
 
@@ -245,9 +256,7 @@ def _chunk_grad_logits(
     for the entries that matter and ``lo`` is small.  Overwrites ``logits``.
     """
     local, inside = _local_target(labels, start, logits.shape[1])
-    shifted = logits.sub_(shift_hi[:, None]).add_(shift_lo[:, None])
-    shifted = torch.threshold_(shifted, _log_tiny(logits.dtype), -math.inf)
-    grad = shifted.exp_()
+    grad = _flushed_exp_(logits.sub_(shift_hi[:, None]).add_(shift_lo[:, None]))
     if grad_sum is not None:
         grad.add_(grad_sum[:, None])
     # The target column is not part of the "rest": its gradient goes through the margin.
