@@ -112,17 +112,17 @@ def _draw_glyphs(labels: torch.Tensor, gen: torch.Generator, size: int) -> torch
     segments += 0.09 * torch.randn(segments.shape, generator=gen)
     active = _DIGIT_SEGMENTS[labels].clone()
     # A rare missing stroke turns an 8 into a 0/6/9 look-alike: a little genuine ambiguity.
-    active &= torch.rand(active.shape, generator=gen) > 0.01
+    active &= torch.rand(active.shape, generator=gen) > 0.003
 
-    # One stray stroke per image, anywhere near the glyph, shown with probability 0.3.
+    # One stray stroke per image, anywhere near the glyph, shown with probability 0.2.
     stray_start = _uniform((n, 1, 2), -0.7, 0.7, gen) * torch.tensor([1.0, 1.4])
     stray_angle = _uniform((n, 1), 0.0, math.pi, gen)
-    stray_length = _uniform((n, 1), 0.3, 0.8, gen)
+    stray_length = _uniform((n, 1), 0.2, 0.6, gen)
     stray_end = stray_start + stray_length[..., None] * torch.stack(
         (stray_angle.cos(), stray_angle.sin()), dim=-1
     )
     segments = torch.cat((segments, torch.stack((stray_start, stray_end), dim=2)), dim=1)
-    active = torch.cat((active, torch.rand(n, 1, generator=gen) < 0.3), dim=1)
+    active = torch.cat((active, torch.rand(n, 1, generator=gen) < 0.2), dim=1)
 
     # Per-image affine pose: scale, aspect, slant, rotation, shift (glyph units -> pixels).
     height_px = _uniform((n,), 0.26, 0.36, gen) * size  # half the glyph height, in pixels
