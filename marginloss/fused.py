@@ -424,6 +424,9 @@ def _target_backward(
     No autograd inside, so ``torch.compile`` can trace the engine's backward.
     """
     assert cfg.target_grad is not None  # internal invariant
+    # The target path is O(B·D): run it in float64 so sin θ near θ = 0 is not fp32 rounding.
+    out_dtype = x.dtype
+    x, rows = x.to(torch.float64), rows.to(torch.float64)
     cos, radius = _target_cos_radius(x, rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
     value = cfg.target_fn(cos)
     target_logit = radius * value
@@ -442,7 +445,7 @@ def _target_backward(
     radial_w = torch.zeros_like(cos) if cfg.normalize_weight else grad_radius * radius / w_norm
     grad_x = (grad_cos / x_norm)[:, None] * (w_hat - cos[:, None] * x_hat) + radial_x[:, None] * x_hat
     grad_w = (grad_cos / w_norm)[:, None] * (x_hat - cos[:, None] * w_hat) + radial_w[:, None] * w_hat
-    return grad_lse, grad_sum, grad_x, grad_w
+    return grad_lse, grad_sum, grad_x.to(out_dtype), grad_w.to(out_dtype)
 
 
 def _target_backward_autograd(
@@ -500,7 +503,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
             lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute, inv_norms)
             cos, radius = _target_cos_radius(
-                x, weight[labels].to(compute), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+                x.to(torch.float64), weight[labels].to(torch.float64), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
             )
             target_logit = (radius * cfg.target_fn(cos)).to(lse_rest.dtype)
             row = _row_loss(lse_rest, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing)
