@@ -12,6 +12,7 @@ import importlib.util
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.xdist_group("examples_mnist")
 
 
 @pytest.fixture
-def train_script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+def train_script(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     pytest.importorskip("matplotlib")
     monkeypatch.syspath_prepend(str(EXAMPLE_DIR))
     for name in HELPER_MODULES:  # another example's helper of the same name must not win
@@ -55,12 +56,16 @@ def test_smoke_run_writes_every_promised_file(
 ) -> None:
     out = tmp_path / "run"
     started = time.perf_counter()
-    code = train_script.main(["--data", "synthetic", "--smoke", "--out", str(out), "--device", "cpu"])
+    code = train_script.main(
+        ["--data", "synthetic", "--smoke", "--out", str(out), "--device", "cpu"]
+    )
     elapsed = time.perf_counter() - started
     assert code == 0
     for name in PROMISED_FILES:
         path = out / name
-        assert path.is_file(), f"{name} was not written; found {sorted(p.name for p in out.iterdir())}"
+        assert path.is_file(), (
+            f"{name} was not written; found {sorted(p.name for p in out.iterdir())}"
+        )
         assert path.stat().st_size > 0, f"{name} is empty"
     for name in PROMISED_FILES:
         if name.endswith(".png"):
@@ -135,7 +140,9 @@ def test_bad_arguments_give_a_clear_argparse_error(
     message: str,
 ) -> None:
     with pytest.raises(SystemExit) as excinfo:
-        train_script.main([*argv, "--data", "synthetic", "--smoke"] if "--data" not in argv else argv)
+        train_script.main(
+            [*argv, "--data", "synthetic", "--smoke"] if "--data" not in argv else argv
+        )
     assert excinfo.value.code == 2
     stderr = capsys.readouterr().err
     assert "usage: train.py" in stderr

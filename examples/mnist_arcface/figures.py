@@ -47,30 +47,42 @@ class EmbeddingRun(Protocol):
 
 
 def angular_statistics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Intra- and inter-class angles of normalised features, in degrees.
+    """Angles (degrees) that say how tight and how separated the classes are.
 
-    ``intra_angle_deg``: median angle between a feature and its class's mean direction
-    (smaller = tighter classes; the median measures the cluster, not the few misfits,
-    which the accuracy already counts); ``min_inter_angle_deg``: smallest angle between
-    two class mean directions (larger = better separated).  Computed on normalised
-    features for every head, softmax included, since the angle is what the margin heads
-    act on.
+    Measured on normalised features for every head, softmax included, since the angle is
+    what the margin heads act on; class centres are the mean directions of the features.
+
+    ``intra_angle_deg``
+        median angle between a feature and its class centre (smaller = tighter; the
+        median describes the cluster, the accuracy already counts the misfits);
+    ``min_inter_angle_deg``
+        smallest angle between two class centres (larger = better spread);
+    ``margin_deg``
+        median over features of (angle to the nearest other class centre) minus (angle to
+        its own centre): the angular margin a feature keeps, which ArcFace enlarges.
     """
     directions = F.normalize(embeddings.double(), dim=1)
     classes = labels.unique()
     centres = F.normalize(torch.stack([directions[labels == c].mean(0) for c in classes]), dim=1)
-    own_centre = centres[torch.searchsorted(classes, labels)]
-    intra = torch.rad2deg((directions * own_centre).sum(1).clamp(-1, 1).acos()).median()
+    angles = torch.rad2deg((directions @ centres.T).clamp(-1, 1).acos())  # [N, classes]
+    own = torch.searchsorted(classes, labels)
+    to_own = angles.gather(1, own[:, None]).squeeze(1)
+    to_others = angles.scatter(1, own[:, None], float("inf")).amin(1)
     between = torch.rad2deg((centres @ centres.T).clamp(-1, 1).acos())
     between.fill_diagonal_(float("inf"))
-    return {"intra_angle_deg": float(intra), "min_inter_angle_deg": float(between.min())}
+    return {
+        "intra_angle_deg": float(to_own.median()),
+        "min_inter_angle_deg": float(between.min()) if len(classes) > 1 else float("nan"),
+        "margin_deg": float((to_others - to_own).median()) if len(classes) > 1 else float("nan"),
+    }
 
 
 def _panel_title(run: EmbeddingRun) -> str:
     stats = angular_statistics(run.test_embeddings, run.test_labels)
     return (
         f"{run.label}\ntest acc {100 * run.test_accuracy:.1f}%, "
-        f"intra {stats['intra_angle_deg']:.1f}°, min inter {stats['min_inter_angle_deg']:.1f}°"
+        f"intra {stats['intra_angle_deg']:.1f}°, min inter {stats['min_inter_angle_deg']:.1f}°, "
+        f"margin {stats['margin_deg']:.1f}°"
     )
 
 
@@ -155,7 +167,7 @@ def plot_embeddings_3d(
     """One 3-D panel per head: normalised features on the unit sphere (softmax's too, for
     comparison), each class's weight direction as a line ending in a star."""
     colours = _class_colours(len(class_names))
-    figure = Figure(figsize=(4.2 * len(runs), 4.8), layout="constrained")
+    figure = Figure(figsize=(4.2 * len(runs), 5.4), layout="constrained")
     u, v = np.meshgrid(np.linspace(0, 2 * math.pi, 25), np.linspace(0, math.pi, 13))
     for column, run in enumerate(runs):
         axis = figure.add_subplot(1, len(runs), column + 1, projection="3d")
