@@ -79,6 +79,7 @@ from marginloss import _validation as V
 from marginloss.fused import (
     ChunkSize,
     TargetFn,
+    _cached_chunk_count,
     _compute_dtype,
     _Config,
     _gemm_dtype,
@@ -86,6 +87,7 @@ from marginloss.fused import (
     _row_loss,
     _scaled_embeddings,
     _target_cos_radius,
+    _wide_dtype,
     default_chunk_size,
     rest_backward,
     rest_logsumexp,
@@ -438,17 +440,22 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
-            lse_local, sum_local = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute)
+            kept = _cached_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
+            blocks = torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
+            lse_local, sum_local, block_max = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute, None, blocks)
             owned = (labels >= 0) & (labels < weight.shape[0])
-            rows = weight[labels.clamp(0, weight.shape[0] - 1)].to(compute)
-            cos, radius = _target_cos_radius(x, rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
+            # The O(B·D) target path runs wide (float64): sin θ near θ = 0 from an fp32 cos is noise.
+            wide = _wide_dtype(x.device)
+            rows = weight[labels.clamp(0, weight.shape[0] - 1)].to(wide)
+            cos, radius = _target_cos_radius(x.to(wide), rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
             target_local = torch.where(owned, radius * cfg.target_fn(cos), torch.zeros_like(cos))
             lse, sum_rest, target_logit = _combine_rows(
                 lse_local, sum_local, target_local.to(lse_local.dtype), group
             )
             row = _row_loss(lse, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing).to(compute)
-        saved = [embeddings, weight, labels, valid, lse, target_logit]
-        ctx.save_for_backward(*saved, *([sum_rest] if sum_rest is not None else []))
+        ctx.save_for_backward(
+            embeddings, weight, labels, valid, lse, target_logit, sum_rest, blocks, block_max  # type: ignore[arg-type]
+        )
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.group = group  # type: ignore[attr-defined]
         ctx.compute = compute  # type: ignore[attr-defined]
@@ -464,8 +471,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         group: ProcessGroup | None = ctx.group  # type: ignore[attr-defined]
         compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
-        embeddings, weight, labels, valid, lse, target_logit, *rest = ctx.saved_tensors  # type: ignore[attr-defined]
-        sum_rest = rest[0] if rest else None
+        embeddings, weight, labels, valid, lse, target_logit, sum_rest, blocks, block_max = ctx.saved_tensors  # type: ignore[attr-defined]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         grad_row = torch.where(valid, grad_row.to(compute), torch.zeros((), dtype=compute, device=valid.device))
         if group is not None:
@@ -492,9 +498,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             x = embeddings.to(compute)
             grad_x_target = grad_rows_target = None
             if need_x or need_w:
+                wide = _wide_dtype(x.device)
                 with torch.enable_grad():
-                    x_leaf = x.detach().requires_grad_(need_x)
-                    rows_leaf = weight.detach()[safe].to(compute).requires_grad_(need_w)
+                    x_leaf = x.detach().to(wide).requires_grad_(need_x)
+                    rows_leaf = weight.detach()[safe].to(wide).requires_grad_(need_w)
                     cos, radius = _target_cos_radius(
                         x_leaf, rows_leaf, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
                     )
@@ -504,14 +511,15 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                         torch.autograd.grad(target, inputs, grad_target.to(target.dtype), allow_unused=True)
                     )
                 if need_x:
-                    grad_x_target = target_grads.pop(0)
+                    grad_x_target = target_grads.pop(0).to(compute)
                 if need_w:
-                    grad_rows_target = target_grads.pop(0)
+                    grad_rows_target = target_grads.pop(0).to(compute)
 
             # The non-target columns of this shard, chunk by chunk, against the global lse.
             xs, x_inv_norm = _scaled_embeddings(x, cfg)
             grad_xs, grad_weight = rest_backward(
-                xs.to(gemm), weight, labels, lse, grad_lse, grad_sum, cfg, compute, need_x, need_w
+                xs.to(gemm), weight, labels, lse, grad_lse, grad_sum, cfg, compute, need_x, need_w,
+                None, blocks, block_max,
             )
             grad_embeddings = None
             if grad_xs is not None:
@@ -746,6 +754,7 @@ def sharded_margin_softmax_loss(
     cfg = _Config(
         target_fn, float(scale), normalize_embeddings, normalize_weight, float(label_smoothing),
         classes, min(width, used.shape[0]),
+        keep_blocks=torch.is_grad_enabled() and (x_global.requires_grad or used.requires_grad),
     )
     row = _ShardedMarginSoftmax.apply(x_global, used, local_labels, valid, cfg, group)
     return _reduce(row, valid, reduction)

@@ -10,6 +10,9 @@ transform.  :func:`margin_softmax_loss` computes that loss either
   holds more than one ``[B, chunk]`` block: it keeps an O(B) running log-sum-exp, normalises
   weight rows on the fly (no normalised copy of the weight), and in backward recomputes each
   chunk and writes ``weight.grad`` rows directly through the normalisation's Jacobian.
+  The softmax blocks of the first chunks, up to a fixed byte budget
+  (:func:`set_backward_cache_bytes`, 64 MiB by default), are kept from forward so backward
+  skips their logit GEMM; the memory stays flat in ``C``.
 
 Both paths compute the margin on the target column only, from the gathered target rows
 ``weight[labels]`` (O(B·D)), so no ``acos``/``cos`` touches the full matrix.  The loss is
@@ -34,7 +37,16 @@ from torch import Tensor
 
 from marginloss import _validation as V
 
-__all__ = ["TargetFn", "default_chunk_size", "margin_softmax_loss", "rest_backward", "rest_logsumexp", "scaled_embeddings_backward"]
+__all__ = [
+    "TargetFn",
+    "backward_cache_bytes",
+    "default_chunk_size",
+    "margin_softmax_loss",
+    "rest_backward",
+    "rest_logsumexp",
+    "scaled_embeddings_backward",
+    "set_backward_cache_bytes",
+]
 
 TargetFn = Callable[[Tensor], Tensor]
 """A head's target transform: ``cos_target [B] -> f(cos_target) [B]`` (differentiable)."""
@@ -47,6 +59,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 # keeping each GEMM large enough to run near peak.
 _AUTO_BLOCK_ELEMENTS = 1 << 20
 _MIN_AUTO_CHUNK = 256
+_DEFAULT_CACHE_BYTES = 64 << 20
+_cache_bytes = _DEFAULT_CACHE_BYTES
 
 
 def default_chunk_size(batch_size: int, num_classes: int) -> int:
@@ -66,6 +80,55 @@ def default_chunk_size(batch_size: int, num_classes: int) -> int:
     return max(1, min(chunk, num_classes))
 
 
+def set_backward_cache_bytes(max_bytes: int) -> int:
+    """Set how many bytes of forward softmax blocks the chunked engine keeps for backward.
+
+    The chunked engine needs each chunk's softmax block twice: in forward for the
+    log-sum-exp and in backward for the gradients.  Blocks of the first chunks, up to
+    ``max_bytes`` in total per call, are kept from forward so backward skips their logit
+    GEMM (one of the four GEMMs per chunk); the rest are recomputed.  The budget is fixed, so
+    the engine's memory stays flat in the number of classes.  ``0`` keeps nothing: backward
+    then saves only the inputs, O(B) row statistics and the O(C) inverse weight norms.
+    Nothing is kept when no input requires a gradient.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Non-negative byte budget, process-wide (default 64 MiB).
+
+    Returns
+    -------
+    int
+        The previous budget, so a caller can restore it.
+
+    Examples
+    --------
+    >>> from marginloss import fused
+    >>> previous = fused.set_backward_cache_bytes(0)  # recompute every chunk in backward
+    >>> fused.backward_cache_bytes()
+    0
+    >>> _ = fused.set_backward_cache_bytes(previous)
+    """
+    global _cache_bytes
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"max_bytes must be a non-negative int, got {type(max_bytes).__name__} {max_bytes!r}")
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes}")
+    previous, _cache_bytes = _cache_bytes, max_bytes
+    return previous
+
+
+def backward_cache_bytes() -> int:
+    """The byte budget set by :func:`set_backward_cache_bytes` (64 MiB by default)."""
+    return _cache_bytes
+
+
+def _cached_chunk_count(batch: int, width: int, num_rows: int, dtype: torch.dtype) -> int:
+    """How many leading full-width chunks fit the backward cache budget."""
+    block = batch * width * torch.finfo(dtype).bits // 8
+    return 0 if block == 0 else min(num_rows // width, _cache_bytes // block)
+
+
 # ---------------------------------------------------------------- shared O(B) math
 
 
@@ -74,6 +137,12 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of O(B) row statistics and the target path: float64, except on devices
+    without it (Apple MPS), where float32 is the widest there is."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _gemm_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
@@ -187,18 +256,31 @@ def _weight_inv_norms(weight: Tensor, normalize_weight: bool, compute: torch.dty
     return norms.clamp_min_(_NORM_EPS).reciprocal_()
 
 
-def _chunk_logits(xs: Tensor, weight_chunk: Tensor, inv_norm: Tensor | None, compute: torch.dtype) -> Tensor:
-    """``[B, n]`` logits of one class chunk (``xs`` already scaled, ``inv_norm`` its rows' 1/‖w‖)."""
-    logits = torch.mm(xs, weight_chunk.to(xs.dtype).T)
-    if logits.dtype != compute:
-        logits = logits.to(compute)
+def _chunk_logits(
+    xs: Tensor, weight_chunk: Tensor, inv_norm: Tensor | None, compute: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """``[B, n]`` logits of one class chunk (``xs`` already scaled, ``inv_norm`` its rows' 1/‖w‖),
+    written into ``out`` when given."""
+    if out is not None and xs.dtype == compute:
+        logits = torch.mm(xs, weight_chunk.to(xs.dtype).T, out=out)
+    else:
+        logits = torch.mm(xs, weight_chunk.to(xs.dtype).T)
+        if out is not None:
+            logits = out.copy_(logits)
+        elif logits.dtype != compute:
+            logits = logits.to(compute)
     return logits if inv_norm is None else logits.mul_(inv_norm)
 
 
-def _local_target(labels: Tensor, start: int, width: int) -> tuple[Tensor, Tensor]:
-    local = labels - start
-    inside = (local >= 0) & (local < width)
-    return local.clamp(0, width - 1)[:, None], inside[:, None]
+def _chunk_targets(labels: Tensor, num_rows: int, width: int) -> tuple[Tensor, Tensor]:
+    """Every chunk's column of each row's target, ``[K, B, 1]`` (clamped into the chunk), and
+    whether the target lies in that chunk, computed once for all ``K`` chunks."""
+    starts = torch.arange(0, num_rows, width, device=labels.device)
+    last = (num_rows - starts).clamp_max(width) - 1
+    local = labels[None, :] - starts[:, None]
+    inside = (local >= 0) & (local <= last[:, None])
+    local = local.clamp_min(0).minimum(last[:, None])
+    return local[:, :, None], inside[:, :, None]
 
 
 def _log_tiny(dtype: torch.dtype) -> float:
@@ -219,31 +301,40 @@ def _flushed_exp_(exponent: Tensor) -> Tensor:
 
 
 def _chunk_forward(
-    logits: Tensor, labels: Tensor, start: int, need_sum: bool
-) -> tuple[Tensor, Tensor | None]:
+    logits: Tensor, local: Tensor, inside: Tensor, need_sum: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Masked log-sum-exp (and sum) of one chunk's logits; the target column is excluded.
 
-    Overwrites ``logits``.  Fixed shapes, no host synchronisation: compilable as is.
+    ``local``/``inside`` are this chunk's slice of :func:`_chunk_targets`.  Leaves
+    ``exp(logits - row_max)`` in ``logits`` (target column and would-be subnormals exactly 0)
+    and returns ``(lse, sum, row_max)``, ``lse`` in float64.  Fixed shapes, no host
+    synchronisation: compilable as is.
     """
-    local, inside = _local_target(labels, start, logits.shape[1])
     at_target = logits.gather(1, local)
     chunk_sum = None
     if need_sum:
         chunk_sum = logits.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1)
     logits.scatter_(1, local, torch.where(inside, -math.inf, at_target))
-    row_max = logits.amax(dim=1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    probs = _flushed_exp_(logits.sub_(row_max))
+    # A row whose only column is its target has max -inf: clamp keeps the shift finite.
+    row_max = logits.amax(dim=1).clamp_min_(torch.finfo(logits.dtype).min)
+    probs = _flushed_exp_(logits.sub_(row_max[:, None]))
     # Row statistics are O(B): keep them in float64 so lse ~ s = 64 carries no fp32 rounding.
-    log_sum = probs.sum(dim=1).log_()
-    lse = log_sum.to(torch.float64) + row_max.squeeze(1).to(torch.float64)
-    return lse, chunk_sum
+    lse = probs.sum(dim=1, dtype=_wide_dtype(probs.device)).log_().add_(row_max)
+    return lse, chunk_sum, row_max
+
+
+def _finish_grad_logits(grad: Tensor, local: Tensor, inside: Tensor, grad_sum: Tensor | None) -> Tensor:
+    """Add the label-smoothing term and zero the target column (its gradient goes through
+    the margin), in place."""
+    if grad_sum is not None:
+        grad.add_(grad_sum[:, None])
+    return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
 
 
 def _chunk_grad_logits(
     logits: Tensor,
-    labels: Tensor,
-    start: int,
+    local: Tensor,
+    inside: Tensor,
     shift_hi: Tensor,
     shift_lo: Tensor,
     grad_sum: Tensor | None,
@@ -255,17 +346,32 @@ def _chunk_grad_logits(
     zero; ``hi`` is ``lse_rest`` rounded to the compute dtype, so ``logits - hi`` is exact
     for the entries that matter and ``lo`` is small.  Overwrites ``logits``.
     """
-    local, inside = _local_target(labels, start, logits.shape[1])
     grad = _flushed_exp_(logits.sub_(shift_hi[:, None]).add_(shift_lo[:, None]))
-    if grad_sum is not None:
-        grad.add_(grad_sum[:, None])
-    # The target column is not part of the "rest": its gradient goes through the margin.
-    return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
+    return _finish_grad_logits(grad, local, inside, grad_sum)
+
+
+def _cached_grad_logits(
+    probs: Tensor,
+    row_max: Tensor,
+    local: Tensor,
+    inside: Tensor,
+    log_scale: Tensor,
+    grad_sum: Tensor | None,
+    out: Tensor,
+) -> Tensor:
+    """As :func:`_chunk_grad_logits` from a block kept by forward, ``exp(logits - row_max)``:
+    ``|g| p = exp(logits - row_max) · exp(row_max + log|g| - lse)``, then the same threshold.
+    Writes ``out``; ``probs`` is left as is (a retained graph may need it again)."""
+    row_scale = (row_max.to(log_scale.dtype) + log_scale).exp_().to(probs.dtype)
+    grad = torch.mul(probs, row_scale[:, None], out=out)
+    torch.threshold_(grad, math.exp(_log_tiny(grad.dtype)), 0.0)
+    return _finish_grad_logits(grad, local, inside, grad_sum)
 
 
 class _Config:
     __slots__ = (
         "chunk_size",
+        "keep_blocks",
         "label_smoothing",
         "normalize_embeddings",
         "normalize_weight",
@@ -285,6 +391,7 @@ class _Config:
         num_classes: int,
         chunk_size: int,
         target_grad: TargetFn | None = None,
+        keep_blocks: bool = False,
     ) -> None:
         self.target_fn = target_fn
         self.target_grad = target_grad
@@ -294,6 +401,8 @@ class _Config:
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.chunk_size = chunk_size
+        # Whether forward may keep softmax blocks for backward (some input needs a gradient).
+        self.keep_blocks = keep_blocks
 
 
 def _scaled_embeddings(x: Tensor, cfg: _Config) -> tuple[Tensor, Tensor | None]:
@@ -323,28 +432,38 @@ def rest_logsumexp(
     cfg: _Config,
     compute: torch.dtype,
     inv_norms: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    blocks: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """O(B) log-sum-exp (and sum, with label smoothing) of the non-target logits over the rows
     of ``weight``, chunk by chunk, returned in float64.
 
     ``labels`` index rows of ``weight``; a label outside ``[0, len(weight))`` (a target held
     by another shard) excludes nothing.  ``xs`` are the scaled embeddings in the GEMM dtype;
-    ``inv_norms`` the rows' 1/‖w‖ if already known.
+    ``inv_norms`` the rows' 1/‖w‖ if already known.  ``blocks``, a ``[K, B, chunk_size]``
+    buffer, receives the softmax blocks ``exp(logits - row_max)`` of the first ``K`` chunks;
+    their row maxima are returned third (``[K, B]``) for :func:`rest_backward`.
     """
     need_sum = cfg.label_smoothing > 0.0
     if inv_norms is None:
         inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
-    lse_rest = torch.full((xs.shape[0],), -math.inf, dtype=torch.float64, device=xs.device)
+    width, num_rows = cfg.chunk_size, weight.shape[0]
+    local, inside = _chunk_targets(labels, num_rows, width)
+    kept = 0 if blocks is None else blocks.shape[0]
+    block_max = torch.empty((kept, xs.shape[0]), dtype=compute, device=xs.device) if kept else None
+    lse_rest = torch.full((xs.shape[0],), -math.inf, dtype=_wide_dtype(xs.device), device=xs.device)
     sum_rest = torch.zeros_like(lse_rest) if need_sum else None
-    for start in range(0, weight.shape[0], cfg.chunk_size):
-        stop = start + cfg.chunk_size
+    for k, start in enumerate(range(0, num_rows, width)):
+        stop = start + width
         inv = None if inv_norms is None else inv_norms[start:stop]
-        logits = _chunk_logits(xs, weight[start:stop], inv, compute)
-        chunk_lse, chunk_sum = _chunk_forward(logits, labels, start, need_sum)
+        out = blocks[k] if blocks is not None and k < kept else None
+        logits = _chunk_logits(xs, weight[start:stop], inv, compute, out)
+        chunk_lse, chunk_sum, row_max = _chunk_forward(logits, local[k], inside[k], need_sum)
+        if block_max is not None and k < kept:
+            block_max[k] = row_max
         lse_rest = torch.logaddexp(lse_rest, chunk_lse)
         if sum_rest is not None and chunk_sum is not None:
-            sum_rest = sum_rest + chunk_sum.to(torch.float64)
-    return lse_rest, sum_rest
+            sum_rest = sum_rest + chunk_sum.to(sum_rest.dtype)
+    return lse_rest, sum_rest, block_max
 
 
 def rest_backward(
@@ -359,31 +478,47 @@ def rest_backward(
     need_x: bool,
     need_w: bool,
     inv_norms: Tensor | None = None,
+    blocks: Tensor | None = None,
+    block_max: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Backward of :func:`rest_logsumexp`: gradients for the scaled embeddings ``xs`` and for
-    ``weight`` (through its row normalisation), recomputing each chunk's logits.
+    ``weight`` (through its row normalisation), recomputing each chunk's logits except the
+    first ``K`` whose softmax blocks forward kept (``blocks``, ``block_max``).
 
     ``weight.grad`` rows are written chunk by chunk into one ``empty_like(weight)``.
     """
     gemm = xs.dtype
+    width, num_rows = cfg.chunk_size, weight.shape[0]
     if inv_norms is None:
         inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
+    local, inside = _chunk_targets(labels, num_rows, width)
     # dL/dz_ij = sign_i (|g_i| p_ij + sign_i h_i): the GEMMs see |g_i| p_ij folded into one exp
     # and the per-row sign is applied to the B x D operands instead of the B x chunk block.
     sign = torch.where(grad_lse < 0, -1.0, 1.0).to(compute)
+    log_grad = grad_lse.to(lse_rest.dtype).abs().log()
     shift_hi = lse_rest.to(compute)
-    shift_lo = (grad_lse.to(torch.float64).abs().log() - (lse_rest - shift_hi.to(torch.float64))).to(compute)
+    shift_lo = (log_grad - (lse_rest - shift_hi.to(lse_rest.dtype))).to(compute)
+    log_scale = log_grad - lse_rest  # for kept blocks: |g| p = block · exp(row_max + log_scale)
     signed_sum = None if grad_sum is None else (grad_sum * sign).to(compute)
     xs_signed = xs * sign.to(gemm)[:, None]
     grad_xs = torch.zeros(xs.shape, dtype=compute, device=xs.device) if need_x else None
     grad_weight = torch.empty_like(weight) if need_w else None
     direct = grad_weight is not None and grad_weight.dtype == gemm == compute
-    for start in range(0, weight.shape[0], cfg.chunk_size):
-        stop = start + cfg.chunk_size
+    kept = 0 if blocks is None else blocks.shape[0]
+    work = torch.empty((xs.shape[0], min(width, num_rows)), dtype=compute, device=xs.device)
+    for k, start in enumerate(range(0, num_rows, width)):
+        stop = start + width
         chunk = weight[start:stop]
         inv = None if inv_norms is None else inv_norms[start:stop]
-        logits = _chunk_logits(xs, chunk, inv, compute)
-        grad_logits = _chunk_grad_logits(logits, labels, start, shift_hi, shift_lo, signed_sum)
+        buffer = work if chunk.shape[0] == work.shape[1] else None
+        if blocks is not None and block_max is not None and k < kept:
+            assert buffer is not None  # kept blocks are full width
+            grad_logits = _cached_grad_logits(
+                blocks[k], block_max[k], local[k], inside[k], log_scale, signed_sum, buffer
+            )
+        else:
+            logits = _chunk_logits(xs, chunk, inv, compute, buffer)
+            grad_logits = _chunk_grad_logits(logits, local[k], inside[k], shift_hi, shift_lo, signed_sum)
         if inv is not None:
             grad_logits.mul_(inv)
         grad_logits = grad_logits.to(gemm)
@@ -401,7 +536,7 @@ def rest_backward(
             if inv is not None:
                 # Through w -> w/‖w‖: (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (1/‖w‖ already folded in).
                 chunk_c = chunk.to(compute)
-                coef = torch.einsum("ij,ij->i", chunk_c, grad_chunk).mul_(inv.square())
+                coef = torch.linalg.vecdot(chunk_c, grad_chunk, dim=1).mul_(inv.square())
                 grad_chunk.addcmul_(chunk_c, coef[:, None], value=-1.0)
             if not direct:
                 out.copy_(grad_chunk)
@@ -426,7 +561,7 @@ def _target_backward(
     assert cfg.target_grad is not None  # internal invariant
     # The target path is O(B·D): run it in float64 so sin θ near θ = 0 is not fp32 rounding.
     out_dtype = x.dtype
-    x, rows = x.to(torch.float64), rows.to(torch.float64)
+    x, rows = x.to(_wide_dtype(x.device)), rows.to(_wide_dtype(x.device))
     cos, radius = _target_cos_radius(x, rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
     value = cfg.target_fn(cos)
     target_logit = radius * value
@@ -459,9 +594,10 @@ def _target_backward_autograd(
     compute: torch.dtype,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """As :func:`_target_backward` for a ``target_fn`` given without its derivative (eager only)."""
+    wide = _wide_dtype(embeddings.device)
     with torch.enable_grad():
-        x_leaf = embeddings.detach().to(compute).requires_grad_(True)
-        rows_leaf = weight.detach()[labels].to(compute).requires_grad_(True)
+        x_leaf = embeddings.detach().to(wide).requires_grad_(True)
+        rows_leaf = weight.detach()[labels].to(wide).requires_grad_(True)
         lse_leaf = lse_rest.detach().requires_grad_(True)
         sum_leaf = sum_rest.detach().requires_grad_(True) if sum_rest is not None else None
         cos, radius = _target_cos_radius(
@@ -476,7 +612,7 @@ def _target_backward_autograd(
     grad_x = grads[1] if grads[1] is not None else zero(x_leaf)
     grad_w = grads[2] if grads[2] is not None else zero(rows_leaf)
     grad_sum = (grads[3] if grads[3] is not None else zero(lse_rest)) if sum_leaf is not None else None
-    return grad_lse, grad_sum, grad_x, grad_w
+    return grad_lse, grad_sum, grad_x.to(compute), grad_w.to(compute)
 
 
 class _ChunkedMarginSoftmax(torch.autograd.Function):
@@ -501,15 +637,25 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             xs, _ = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
             inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
-            lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute, inv_norms)
+            kept = _cached_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
+            blocks = (
+                torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
+            )
+            lse_rest, sum_rest, block_max = rest_logsumexp(
+                xs_gemm, weight, labels, cfg, compute, inv_norms, blocks
+            )
+            wide = _wide_dtype(x.device)
             cos, radius = _target_cos_radius(
-                x.to(torch.float64), weight[labels].to(torch.float64), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+                x.to(wide), weight[labels].to(wide), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
             )
             target_logit = (radius * cfg.target_fn(cos)).to(lse_rest.dtype)
             row = _row_loss(lse_rest, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing)
             row = row.to(compute)
-        # Inputs plus O(B) row statistics and the O(C) 1/‖w‖ (never a [B, C] block).
-        ctx.save_for_backward(embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms)  # type: ignore[arg-type]
+        # Inputs, O(B) row statistics, the O(C) 1/‖w‖ and at most the cache budget of softmax
+        # blocks (never a [B, C] block growing with C).
+        ctx.save_for_backward(
+            embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks, block_max  # type: ignore[arg-type]
+        )
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.compute = compute  # type: ignore[attr-defined]
         ctx.gemm = gemm  # type: ignore[attr-defined]
@@ -523,7 +669,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
         compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
-        embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms = ctx.saved_tensors  # type: ignore[attr-defined]
+        embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks, block_max = ctx.saved_tensors  # type: ignore[attr-defined]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         grad_row = torch.where(valid, grad_row.to(compute), 0.0)
 
@@ -551,7 +697,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             xs_gemm = xs.to(gemm)
             grad_xs, grad_weight = rest_backward(
                 xs_gemm, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w,
-                inv_norms,
+                inv_norms, blocks, block_max,
             )
 
             grad_embeddings = None
@@ -666,17 +812,19 @@ def margin_softmax_loss(
             label_smoothing > 0.0,
         )
         compute = lse_rest.dtype
+        # O(B·D) target path in float64: sin θ near θ = 0 from an fp32 cos is pure rounding.
+        wide = _wide_dtype(embeddings.device)
         cos, radius = _target_cos_radius(
-            embeddings.to(compute), weight[safe_labels].to(compute), scale,
-            normalize_embeddings, normalize_weight,
+            embeddings.to(wide), weight[safe_labels].to(wide), scale, normalize_embeddings, normalize_weight,
         )
-        target_logit = radius * target_fn(cos)
+        target_logit = (radius * target_fn(cos)).to(compute)
         row = _row_loss(lse_rest, sum_rest, target_logit, num_classes, label_smoothing)
     else:
         width = default_chunk_size(embeddings.shape[0], num_classes) if chunk == "auto" else int(chunk)
         cfg = _Config(
             target_fn, float(scale), normalize_embeddings, normalize_weight, label_smoothing,
             num_classes, min(width, num_classes), target_grad,
+            keep_blocks=torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad),
         )
         row = _ChunkedMarginSoftmax.apply(embeddings, weight, safe_labels, valid, cfg)
     return _reduce(row, valid, reduction)

@@ -136,9 +136,7 @@ def test_retain_graph_and_only_weight_or_only_embeddings() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_saves_only_inputs_and_row_vectors() -> None:
-    """Besides the inputs, backward keeps O(B) row statistics and the O(C) 1/‖w‖, no [B, C]."""
-    batch, classes, dim = 16, 4096, 8
+def _saved_by_forward(batch: int, classes: int, dim: int, chunk: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     x, w, labels = _problem(batch, classes, dim, torch.float32)
     x.requires_grad_()
     w.requires_grad_()
@@ -149,11 +147,87 @@ def test_saves_only_inputs_and_row_vectors() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        MF.arcface(x, w, labels, chunk_size=256)
+        MF.arcface(x, w, labels, chunk_size=chunk)
+    return saved, x, w
+
+
+def test_without_cache_saves_only_inputs_and_row_vectors() -> None:
+    """Besides the inputs, backward keeps O(B) row statistics and the O(C) 1/‖w‖, no [B, C]."""
+    batch, classes, dim = 16, 4096, 8
+    previous = fused.set_backward_cache_bytes(0)
+    try:
+        saved, x, w = _saved_by_forward(batch, classes, dim, 256)
+    finally:
+        fused.set_backward_cache_bytes(previous)
     largest_other = max((t.numel() for t in saved if t.data_ptr() != w.data_ptr()), default=0)
     assert largest_other <= max(batch * dim, classes), [tuple(t.shape) for t in saved]
     assert all(t.dim() <= 1 for t in saved if t.data_ptr() not in (w.data_ptr(), x.data_ptr()))
-    assert all(t.numel() < batch * classes for t in saved if t.data_ptr() != w.data_ptr())
+
+
+@pytest.mark.parametrize("budget_blocks", [1, 3])
+def test_cache_is_bounded_by_its_budget_and_flat_in_classes(budget_blocks) -> None:
+    """Kept softmax blocks never exceed the byte budget, whatever the number of classes."""
+    batch, dim, chunk = 16, 8, 256
+    block_bytes = batch * chunk * 4
+    previous = fused.set_backward_cache_bytes(budget_blocks * block_bytes + block_bytes // 2)
+    try:
+        kept_bytes = []
+        for classes in (chunk * budget_blocks + 7, 4096, 20_000):
+            saved, x, w = _saved_by_forward(batch, classes, dim, chunk)
+            big = [t for t in saved if t.dim() == 3]
+            assert len(big) <= 1
+            other = [t for t in saved if t.dim() < 3 and t.data_ptr() not in (w.data_ptr(), x.data_ptr())]
+            assert all(t.numel() <= max(batch * dim, classes, budget_blocks * batch) for t in other)
+            kept_bytes.append(sum(t.numel() * t.element_size() for t in big))
+    finally:
+        fused.set_backward_cache_bytes(previous)
+    assert kept_bytes == [budget_blocks * block_bytes] * 3
+
+
+def test_cache_is_skipped_without_gradients(monkeypatch) -> None:
+    seen = []
+    original = fused.rest_logsumexp
+
+    def spy(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get("blocks"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "rest_logsumexp", spy)
+    x, w, labels = _problem(8, 300, 4, torch.float32)
+    MF.arcface(x, w, labels, chunk_size=64)
+    with torch.no_grad():
+        MF.arcface(x, w.requires_grad_(), labels, chunk_size=64)
+    assert seen == [None, None]
+    MF.arcface(x, w, labels, chunk_size=64)
+    assert seen[-1] is not None and seen[-1].shape == (4, 8, 64)
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_kept_blocks_give_the_recomputed_gradients(head, smoothing) -> None:
+    """Backward from forward's kept blocks equals backward that recomputes every chunk."""
+    fn, hp = HEADS[head]
+    x, w, labels = _problem(37, 1013, 24, torch.float32, seed=3)
+    previous = fused.set_backward_cache_bytes(0)
+    try:
+        recomputed = _loss_and_grads(fn, hp, x, w, labels, chunk_size=97, label_smoothing=smoothing)
+    finally:
+        fused.set_backward_cache_bytes(previous)
+    fused.set_backward_cache_bytes(37 * 97 * 4 * 5)  # half of the chunks kept
+    try:
+        kept = _loss_and_grads(fn, hp, x, w, labels, chunk_size=97, label_smoothing=smoothing)
+    finally:
+        fused.set_backward_cache_bytes(previous)
+    for a, b in zip(kept, recomputed):
+        assert_close(a, b, rtol=2e-6, atol=2e-6 * float(b.abs().max()))
+
+
+def test_set_backward_cache_bytes_validates() -> None:
+    with pytest.raises(ValueError, match="max_bytes must be a non-negative int, got -1"):
+        fused.set_backward_cache_bytes(-1)
+    with pytest.raises(TypeError, match=r"max_bytes must be a non-negative int, got float 1\.5"):
+        fused.set_backward_cache_bytes(1.5)  # type: ignore[arg-type]
+    assert fused.backward_cache_bytes() == 64 << 20
 
 
 def test_subnormal_probabilities_are_flushed_not_propagated() -> None:
@@ -200,9 +274,10 @@ def test_chunk_forward_compiles_fullgraph() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 32, generator=gen)
     labels = torch.tensor([0, 31, 40, 5, 7, 33, 1, 2])
+    local, inside = fused._chunk_targets(labels, 36, 32)
     compiled = torch.compile(fused._chunk_forward, fullgraph=True, backend="aot_eager")
-    eager = fused._chunk_forward(logits.clone(), labels, 4, True)
-    got = compiled(logits.clone(), labels, 4, True)
+    eager = fused._chunk_forward(logits.clone(), local[0], inside[0], True)
+    got = compiled(logits.clone(), local[0], inside[0], True)
     for a, b in zip(got, eager):
         assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -242,3 +317,48 @@ def test_margin_softmax_loss_validates_like_heads() -> None:
     with pytest.raises(ValueError, match="labels must be in"):
         fused.margin_softmax_loss(x, w, torch.tensor([0, 5, 1]), lambda c: c)
     assert math.isfinite(float(marginloss.ArcFace(4, 5)(x, labels.clamp_min(0))))
+
+
+def _near_target_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 embeddings 1e-4 to 1e-3 rad from their class weight (a well-trained model)."""
+    gen = torch.Generator().manual_seed(0)
+    batch, classes, dim = 16, 50, 32
+    w = torch.randn(classes, dim, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    w_hat = w[labels] / w[labels].norm(dim=1, keepdim=True)
+    ortho = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    ortho -= (ortho * w_hat).sum(1, keepdim=True) * w_hat
+    ortho /= ortho.norm(dim=1, keepdim=True)
+    theta = torch.logspace(-4, -3, batch, dtype=torch.float64)[:, None]
+    x = 3.0 * (torch.cos(theta) * w_hat + torch.sin(theta) * ortho)
+    return x.float(), w.float(), labels
+
+
+@pytest.mark.parametrize("path", ["plain", "chunked", "chunked-recomputed", "sharded"])
+def test_arcface_gradient_near_zero_angle_is_accurate_in_fp32(path) -> None:
+    """sin θ from an fp32-rounded cos θ ≈ 1 - 5e-9 is pure rounding; the target path runs in
+    float64, so the fp32 gradient matches float64 math on the same fp32 inputs."""
+    from marginloss import distributed as MD
+
+    x, w, labels = _near_target_problem()
+
+    def run(x, w, chunk):
+        if path == "sharded":
+            return _loss_and_grads(
+                MD.sharded_margin_softmax_loss,
+                {"target_fn": lambda c: MF.arcface_target(c, 0.5), "num_classes": w.shape[0], "scale": 64.0},
+                x, w, labels, chunk_size=chunk,
+            )
+        return _loss_and_grads(MF.arcface, {"scale": 64.0, "margin": 0.5}, x, w, labels, chunk_size=chunk)
+
+    reference = run(x.double(), w.double(), None)
+    chunk = None if path == "plain" else 7
+    previous = fused.backward_cache_bytes()
+    fused.set_backward_cache_bytes(0 if path == "chunked-recomputed" else previous)
+    try:
+        got = run(x, w, chunk)
+    finally:
+        fused.set_backward_cache_bytes(previous)
+    for name, a, ref in zip(("loss", "embeddings.grad", "weight.grad"), got, reference):
+        err = float((a.double() - ref).abs().max()) / float(ref.abs().max())
+        assert err < 2e-5, (name, err)  # it was 0.5 (plain) and 1e2 (chunked) with fp32 sin θ

@@ -213,21 +213,16 @@ def build_head(
 def _construct_head(
     head: str, embedding_dim: int, num_classes: int, hparams: dict[str, float], total_steps: int
 ) -> nn.Module:
-    # chunk_size=None: with 10 classes the memory-frugal chunked engine buys nothing, and
-    # plain autograd is several times faster on batches this small.
     if head == "softmax":
         return SoftmaxHead(embedding_dim, num_classes)
     if head == "normface":
-        return marginloss.NormFace(
-            embedding_dim, num_classes, scale=hparams["scale"], chunk_size=None
-        )
+        return marginloss.NormFace(embedding_dim, num_classes, scale=hparams["scale"])
     if head == "arcface":
         return marginloss.ArcFace(
             embedding_dim,
             num_classes,
             scale=hparams["scale"],
             margin=hparams["margin"],
-            chunk_size=None,
         )
     if head == "cosface":
         return marginloss.CosFace(
@@ -235,7 +230,6 @@ def _construct_head(
             num_classes,
             scale=hparams["scale"],
             margin=hparams["margin"],
-            chunk_size=None,
         )
     if head == "sphereface":
         half = max(total_steps // 2, 1)
@@ -247,7 +241,6 @@ def _construct_head(
             lambda_gamma=(SPHEREFACE_LAMBDA_BASE / SPHEREFACE_LAMBDA_MIN - 1.0) / half,
             lambda_power=1.0,
             lambda_min=SPHEREFACE_LAMBDA_MIN,
-            chunk_size=None,
         )
     raise ValueError(f"unknown head {head!r}")
 
