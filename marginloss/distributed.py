@@ -442,7 +442,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             xs, _ = _scaled_embeddings(x, cfg)
             kept = _cached_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
             blocks = torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
-            lse_local, sum_local, block_max = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute, None, blocks)
+            lse_local, sum_local = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute, None, blocks)
             owned = (labels >= 0) & (labels < weight.shape[0])
             # The O(B·D) target path runs wide (float64): sin θ near θ = 0 from an fp32 cos is noise.
             wide = _wide_dtype(x.device)
@@ -454,7 +454,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             )
             row = _row_loss(lse, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing).to(compute)
         ctx.save_for_backward(
-            embeddings, weight, labels, valid, lse, target_logit, sum_rest, blocks, block_max  # type: ignore[arg-type]
+            embeddings, weight, labels, valid, lse, target_logit, sum_rest, blocks  # type: ignore[arg-type]
         )
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.group = group  # type: ignore[attr-defined]
@@ -471,7 +471,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         group: ProcessGroup | None = ctx.group  # type: ignore[attr-defined]
         compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
-        embeddings, weight, labels, valid, lse, target_logit, sum_rest, blocks, block_max = ctx.saved_tensors  # type: ignore[attr-defined]
+        embeddings, weight, labels, valid, lse, target_logit, sum_rest, blocks = ctx.saved_tensors  # type: ignore[attr-defined]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         grad_row = torch.where(valid, grad_row.to(compute), torch.zeros((), dtype=compute, device=valid.device))
         if group is not None:
@@ -519,7 +519,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             xs, x_inv_norm = _scaled_embeddings(x, cfg)
             grad_xs, grad_weight = rest_backward(
                 xs.to(gemm), weight, labels, lse, grad_lse, grad_sum, cfg, compute, need_x, need_w,
-                None, blocks, block_max,
+                None, blocks,
             )
             grad_embeddings = None
             if grad_xs is not None:

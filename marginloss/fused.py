@@ -301,13 +301,14 @@ def _flushed_exp_(exponent: Tensor) -> Tensor:
 
 
 def _chunk_forward(
-    logits: Tensor, local: Tensor, inside: Tensor, need_sum: bool
+    logits: Tensor, local: Tensor, inside: Tensor, need_sum: bool, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Masked log-sum-exp (and sum) of one chunk's logits; the target column is excluded.
 
-    ``local``/``inside`` are this chunk's slice of :func:`_chunk_targets`.  Leaves
-    ``exp(logits - row_max)`` in ``logits`` (target column and would-be subnormals exactly 0)
-    and returns ``(lse, sum, row_max)``, ``lse`` in float64.  Fixed shapes, no host
+    ``local``/``inside`` are this chunk's slice of :func:`_chunk_targets`.  Returns
+    ``(lse, sum, row_max)``, ``lse`` in float64.  The exponentials ``exp(logits - row_max)``
+    (target column and would-be subnormals exactly 0) go to ``out`` and ``logits`` is
+    left as it was, or, without ``out``, overwrite ``logits``.  Fixed shapes, no host
     synchronisation: compilable as is.
     """
     at_target = logits.gather(1, local)
@@ -317,18 +318,14 @@ def _chunk_forward(
     logits.scatter_(1, local, torch.where(inside, -math.inf, at_target))
     # A row whose only column is its target has max -inf: clamp keeps the shift finite.
     row_max = logits.amax(dim=1).clamp_min_(torch.finfo(logits.dtype).min)
-    probs = _flushed_exp_(logits.sub_(row_max[:, None]))
+    if out is None:
+        probs = _flushed_exp_(logits.sub_(row_max[:, None]))
+    else:
+        probs = _flushed_exp_(torch.sub(logits, row_max[:, None], out=out))
+        logits.scatter_(1, local, at_target)
     # Row statistics are O(B): keep them in float64 so lse ~ s = 64 carries no fp32 rounding.
-    lse = probs.sum(dim=1, dtype=_wide_dtype(probs.device)).log_().add_(row_max)
+    lse = probs.sum(dim=1).to(_wide_dtype(probs.device)).log_().add_(row_max)
     return lse, chunk_sum, row_max
-
-
-def _finish_grad_logits(grad: Tensor, local: Tensor, inside: Tensor, grad_sum: Tensor | None) -> Tensor:
-    """Add the label-smoothing term and zero the target column (its gradient goes through
-    the margin), in place."""
-    if grad_sum is not None:
-        grad.add_(grad_sum[:, None])
-    return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
 
 
 def _chunk_grad_logits(
@@ -338,34 +335,22 @@ def _chunk_grad_logits(
     shift_hi: Tensor,
     shift_lo: Tensor,
     grad_sum: Tensor | None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``|dL/dlogits|`` of one chunk, ``exp(logits - hi + lo)`` (``+ grad_sum``), target column 0.
 
     ``hi - lo = lse_rest - log|grad_lse|`` folds the per-row gradient into the exponent, so
     one scalar threshold turns every entry whose gradient would be subnormal into an exact
     zero; ``hi`` is ``lse_rest`` rounded to the compute dtype, so ``logits - hi`` is exact
-    for the entries that matter and ``lo`` is small.  Overwrites ``logits``.
+    for the entries that matter and ``lo`` is small.  Written to ``out`` (a new tensor
+    without it); ``logits`` is not modified.
     """
-    grad = _flushed_exp_(logits.sub_(shift_hi[:, None]).add_(shift_lo[:, None]))
-    return _finish_grad_logits(grad, local, inside, grad_sum)
-
-
-def _cached_grad_logits(
-    probs: Tensor,
-    row_max: Tensor,
-    local: Tensor,
-    inside: Tensor,
-    log_scale: Tensor,
-    grad_sum: Tensor | None,
-    out: Tensor,
-) -> Tensor:
-    """As :func:`_chunk_grad_logits` from a block kept by forward, ``exp(logits - row_max)``:
-    ``|g| p = exp(logits - row_max) · exp(row_max + log|g| - lse)``, then the same threshold.
-    Writes ``out``; ``probs`` is left as is (a retained graph may need it again)."""
-    row_scale = (row_max.to(log_scale.dtype) + log_scale).exp_().to(probs.dtype)
-    grad = torch.mul(probs, row_scale[:, None], out=out)
-    torch.threshold_(grad, math.exp(_log_tiny(grad.dtype)), 0.0)
-    return _finish_grad_logits(grad, local, inside, grad_sum)
+    shifted = torch.sub(logits, shift_hi[:, None], out=out) if out is not None else logits - shift_hi[:, None]
+    grad = _flushed_exp_(shifted.add_(shift_lo[:, None]))
+    if grad_sum is not None:
+        grad.add_(grad_sum[:, None])
+    # The target column is not part of the "rest": its gradient goes through the margin.
+    return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
 
 
 class _Config:
@@ -433,15 +418,14 @@ def rest_logsumexp(
     compute: torch.dtype,
     inv_norms: Tensor | None = None,
     blocks: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor | None]:
     """O(B) log-sum-exp (and sum, with label smoothing) of the non-target logits over the rows
     of ``weight``, chunk by chunk, returned in float64.
 
     ``labels`` index rows of ``weight``; a label outside ``[0, len(weight))`` (a target held
     by another shard) excludes nothing.  ``xs`` are the scaled embeddings in the GEMM dtype;
     ``inv_norms`` the rows' 1/‖w‖ if already known.  ``blocks``, a ``[K, B, chunk_size]``
-    buffer, receives the softmax blocks ``exp(logits - row_max)`` of the first ``K`` chunks;
-    their row maxima are returned third (``[K, B]``) for :func:`rest_backward`.
+    buffer, receives the logits of the first ``K`` chunks for :func:`rest_backward`.
     """
     need_sum = cfg.label_smoothing > 0.0
     if inv_norms is None:
@@ -449,21 +433,23 @@ def rest_logsumexp(
     width, num_rows = cfg.chunk_size, weight.shape[0]
     local, inside = _chunk_targets(labels, num_rows, width)
     kept = 0 if blocks is None else blocks.shape[0]
-    block_max = torch.empty((kept, xs.shape[0]), dtype=compute, device=xs.device) if kept else None
+    work = torch.empty((xs.shape[0], min(width, num_rows)), dtype=compute, device=xs.device)
     lse_rest = torch.full((xs.shape[0],), -math.inf, dtype=_wide_dtype(xs.device), device=xs.device)
     sum_rest = torch.zeros_like(lse_rest) if need_sum else None
     for k, start in enumerate(range(0, num_rows, width)):
         stop = start + width
         inv = None if inv_norms is None else inv_norms[start:stop]
-        out = blocks[k] if blocks is not None and k < kept else None
-        logits = _chunk_logits(xs, weight[start:stop], inv, compute, out)
-        chunk_lse, chunk_sum, row_max = _chunk_forward(logits, local[k], inside[k], need_sum)
-        if block_max is not None and k < kept:
-            block_max[k] = row_max
+        full = min(stop, num_rows) - start == work.shape[1]
+        if blocks is not None and k < kept:
+            logits = _chunk_logits(xs, weight[start:stop], inv, compute, blocks[k])
+            chunk_lse, chunk_sum, _ = _chunk_forward(logits, local[k], inside[k], need_sum, work)
+        else:
+            logits = _chunk_logits(xs, weight[start:stop], inv, compute, work if full else None)
+            chunk_lse, chunk_sum, _ = _chunk_forward(logits, local[k], inside[k], need_sum)
         lse_rest = torch.logaddexp(lse_rest, chunk_lse)
         if sum_rest is not None and chunk_sum is not None:
             sum_rest = sum_rest + chunk_sum.to(sum_rest.dtype)
-    return lse_rest, sum_rest, block_max
+    return lse_rest, sum_rest
 
 
 def rest_backward(
@@ -479,13 +465,20 @@ def rest_backward(
     need_w: bool,
     inv_norms: Tensor | None = None,
     blocks: Tensor | None = None,
-    block_max: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Backward of :func:`rest_logsumexp`: gradients for the scaled embeddings ``xs`` and for
+    r"""Backward of :func:`rest_logsumexp`: gradients for the scaled embeddings ``xs`` and for
     ``weight`` (through its row normalisation), recomputing each chunk's logits except the
-    first ``K`` whose softmax blocks forward kept (``blocks``, ``block_max``).
+    first ``K`` that forward kept in ``blocks`` (the same values, so the same gradients).
 
-    ``weight.grad`` rows are written chunk by chunk into one ``empty_like(weight)``.
+    ``weight.grad`` rows are written chunk by chunk into one ``empty_like(weight)``.  With
+    :math:`z_{ij} = \hat w_j^\top x^s_i` and :math:`g_{ij} = \partial L/\partial z_{ij}`,
+
+    .. math::
+        \frac{\partial L}{\partial w_j} = \frac{1}{\lVert w_j\rVert}\Big(\sum_i g_{ij} x^s_i
+        - \hat w_j \sum_i g_{ij} z_{ij}\Big),
+
+    so the normalisation's radial term comes from the ``[B, chunk]`` block, not from a pass
+    over the ``[chunk, D]`` weight gradient.
     """
     gemm = xs.dtype
     width, num_rows = cfg.chunk_size, weight.shape[0]
@@ -495,30 +488,34 @@ def rest_backward(
     # dL/dz_ij = sign_i (|g_i| p_ij + sign_i h_i): the GEMMs see |g_i| p_ij folded into one exp
     # and the per-row sign is applied to the B x D operands instead of the B x chunk block.
     sign = torch.where(grad_lse < 0, -1.0, 1.0).to(compute)
-    log_grad = grad_lse.to(lse_rest.dtype).abs().log()
     shift_hi = lse_rest.to(compute)
-    shift_lo = (log_grad - (lse_rest - shift_hi.to(lse_rest.dtype))).to(compute)
-    log_scale = log_grad - lse_rest  # for kept blocks: |g| p = block · exp(row_max + log_scale)
+    shift_lo = (grad_lse.to(lse_rest.dtype).abs().log() - (lse_rest - shift_hi.to(lse_rest.dtype))).to(compute)
     signed_sum = None if grad_sum is None else (grad_sum * sign).to(compute)
     xs_signed = xs * sign.to(gemm)[:, None]
     grad_xs = torch.zeros(xs.shape, dtype=compute, device=xs.device) if need_x else None
     grad_weight = torch.empty_like(weight) if need_w else None
     direct = grad_weight is not None and grad_weight.dtype == gemm == compute
     kept = 0 if blocks is None else blocks.shape[0]
-    work = torch.empty((xs.shape[0], min(width, num_rows)), dtype=compute, device=xs.device)
+    shape = (xs.shape[0], min(width, num_rows))
+    work_logits = torch.empty(shape, dtype=compute, device=xs.device)
+    work_grad = torch.empty(shape, dtype=compute, device=xs.device)
     for k, start in enumerate(range(0, num_rows, width)):
         stop = start + width
         chunk = weight[start:stop]
         inv = None if inv_norms is None else inv_norms[start:stop]
-        buffer = work if chunk.shape[0] == work.shape[1] else None
-        if blocks is not None and block_max is not None and k < kept:
-            assert buffer is not None  # kept blocks are full width
-            grad_logits = _cached_grad_logits(
-                blocks[k], block_max[k], local[k], inside[k], log_scale, signed_sum, buffer
-            )
+        full = chunk.shape[0] == shape[1]
+        if blocks is not None and k < kept:
+            logits = blocks[k]
         else:
-            logits = _chunk_logits(xs, chunk, inv, compute, buffer)
-            grad_logits = _chunk_grad_logits(logits, local[k], inside[k], shift_hi, shift_lo, signed_sum)
+            logits = _chunk_logits(xs, chunk, inv, compute, work_logits if full else None)
+        grad_logits = _chunk_grad_logits(
+            logits, local[k], inside[k], shift_hi, shift_lo, signed_sum, work_grad if full else None
+        )
+        radial = None
+        if inv is not None and grad_weight is not None:
+            # Σ_i g_ij z_ij (g signed), scaled by 1/‖w_j‖² for the addend -w_j·radial_j.
+            product = torch.mul(grad_logits, logits, out=work_logits if full else None)
+            radial = torch.mv(product.T, sign).mul_(inv.square())
         if inv is not None:
             grad_logits.mul_(inv)
         grad_logits = grad_logits.to(gemm)
@@ -529,16 +526,14 @@ def rest_backward(
                 grad_xs.add_(torch.mm(grad_logits, chunk.to(gemm)).to(compute))
         if grad_weight is not None:
             out = grad_weight[start:stop]
-            if direct:
-                grad_chunk = torch.mm(grad_logits.T, xs_signed, out=out)
+            if direct and radial is not None:
+                torch.mul(chunk, radial.neg_()[:, None], out=out).addmm_(grad_logits.T, xs_signed)
+            elif direct:
+                torch.mm(grad_logits.T, xs_signed, out=out)
             else:
                 grad_chunk = torch.mm(grad_logits.T, xs_signed).to(compute)
-            if inv is not None:
-                # Through w -> w/‖w‖: (I - ŵŵᵀ)/‖w‖ applied to dL/dŵ (1/‖w‖ already folded in).
-                chunk_c = chunk.to(compute)
-                coef = torch.linalg.vecdot(chunk_c, grad_chunk, dim=1).mul_(inv.square())
-                grad_chunk.addcmul_(chunk_c, coef[:, None], value=-1.0)
-            if not direct:
+                if radial is not None:
+                    grad_chunk.addcmul_(chunk.to(compute), radial[:, None], value=-1.0)
                 out.copy_(grad_chunk)
     if grad_xs is not None:
         grad_xs.mul_(sign[:, None])
@@ -641,9 +636,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             blocks = (
                 torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
             )
-            lse_rest, sum_rest, block_max = rest_logsumexp(
-                xs_gemm, weight, labels, cfg, compute, inv_norms, blocks
-            )
+            lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute, inv_norms, blocks)
             wide = _wide_dtype(x.device)
             cos, radius = _target_cos_radius(
                 x.to(wide), weight[labels].to(wide), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
@@ -654,7 +647,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         # Inputs, O(B) row statistics, the O(C) 1/‖w‖ and at most the cache budget of softmax
         # blocks (never a [B, C] block growing with C).
         ctx.save_for_backward(
-            embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks, block_max  # type: ignore[arg-type]
+            embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks  # type: ignore[arg-type]
         )
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.compute = compute  # type: ignore[attr-defined]
@@ -669,7 +662,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
         compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
-        embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks, block_max = ctx.saved_tensors  # type: ignore[attr-defined]
+        embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks = ctx.saved_tensors  # type: ignore[attr-defined]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
         grad_row = torch.where(valid, grad_row.to(compute), 0.0)
 
@@ -697,7 +690,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             xs_gemm = xs.to(gemm)
             grad_xs, grad_weight = rest_backward(
                 xs_gemm, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w,
-                inv_norms, blocks, block_max,
+                inv_norms, blocks,
             )
 
             grad_embeddings = None
