@@ -10,9 +10,9 @@ transform.  :func:`margin_softmax_loss` computes that loss either
   holds more than one ``[B, chunk]`` block: it keeps an O(B) running log-sum-exp, normalises
   weight rows on the fly (no normalised copy of the weight), and in backward recomputes each
   chunk and writes ``weight.grad`` rows directly through the normalisation's Jacobian.
-  The softmax blocks of the first chunks, up to a fixed byte budget
+  The logit blocks of the first chunks, up to a fixed byte budget
   (:func:`set_backward_cache_bytes`, 64 MiB by default), are kept from forward so backward
-  skips their logit GEMM; the memory stays flat in ``C``.
+  skips their GEMM; the memory stays flat in ``C`` and the gradients are the same bits.
 
 Both paths compute the margin on the target column only, from the gathered target rows
 ``weight[labels]`` (O(B·D)), so no ``acos``/``cos`` touches the full matrix.  The loss is
@@ -81,15 +81,15 @@ def default_chunk_size(batch_size: int, num_classes: int) -> int:
 
 
 def set_backward_cache_bytes(max_bytes: int) -> int:
-    """Set how many bytes of forward softmax blocks the chunked engine keeps for backward.
+    """Set how many bytes of forward logit blocks the chunked engine keeps for backward.
 
-    The chunked engine needs each chunk's softmax block twice: in forward for the
+    The chunked engine needs each chunk's ``[B, chunk]`` logits twice: in forward for the
     log-sum-exp and in backward for the gradients.  Blocks of the first chunks, up to
-    ``max_bytes`` in total per call, are kept from forward so backward skips their logit
-    GEMM (one of the four GEMMs per chunk); the rest are recomputed.  The budget is fixed, so
-    the engine's memory stays flat in the number of classes.  ``0`` keeps nothing: backward
-    then saves only the inputs, O(B) row statistics and the O(C) inverse weight norms.
-    Nothing is kept when no input requires a gradient.
+    ``max_bytes`` in total per call, are kept from forward so backward skips their GEMM (one
+    of the four GEMMs per chunk); the rest are recomputed, bit for bit the same.  The budget
+    is fixed, so the engine's memory stays flat in the number of classes.  ``0`` keeps
+    nothing: backward then saves only the inputs, O(B) row statistics and the O(C) inverse
+    weight norms.  Nothing is kept when no input requires a gradient.
 
     Parameters
     ----------
