@@ -19,8 +19,10 @@ the **same loss as a single-process head on the concatenated global batch**, exa
 4. two all-reduces of O(B) floats (the per-row max, then the sum of shifted exponentials,
    target logits and sums) assemble the global row losses, identical on every rank.
 
-Backward recomputes each chunk of the local shard against the *global* log-sum-exp, so the
-weight gradient is exact and stays local: no collective ever carries a ``[C, D]`` tensor.
+Backward recomputes each chunk of the local shard (but the ones kept within the engine's
+cache budget, :func:`~marginloss.fused.set_backward_cache_bytes`) against the *global*
+log-sum-exp, so the weight gradient is exact and stays local: no collective ever carries
+a ``[C, D]`` tensor.
 Per step: five collectives in forward (one fixed-size record, the embeddings, the labels,
 two ``[B]``-sized all-reduces) and two in backward (the ``[B]`` loss gradient, averaged over
 ranks so that every shard sees the same upstream gradient, and the embedding gradient).

@@ -613,7 +613,8 @@ def _target_backward_autograd(
 class _ChunkedMarginSoftmax(torch.autograd.Function):
     """Row losses of the margin softmax, computed class chunk by class chunk.
 
-    Saves only the inputs and O(B) tensors; backward recomputes each chunk's logits.
+    Saves the inputs, O(B) row statistics, the O(C) 1/‖w‖ and the logit blocks of the first
+    chunks within :func:`set_backward_cache_bytes`; backward recomputes every other chunk.
     """
 
     @staticmethod

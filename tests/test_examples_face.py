@@ -354,3 +354,16 @@ def test_data_layout_error_is_an_exception_with_the_path(tmp_path: Path) -> None
 
     with pytest.raises(DataLayoutError, match=re.escape(str(tmp_path / "classification" / "dev"))):
         classification_dir(tmp_path, "dev")
+
+
+def test_center_loss_sees_unit_vectors_beside_norm_free_heads() -> None:
+    from face.model import HEADS, NORM_FREE_HEADS, center_loss_input
+
+    embeddings = 3.0 * torch.randn(5, 8)
+    for name in HEADS:
+        got = center_loss_input(name, embeddings)
+        if name in NORM_FREE_HEADS:
+            assert torch.allclose(got.norm(dim=1), torch.ones(5))
+        else:
+            assert got is embeddings
+    assert set(NORM_FREE_HEADS) == {"arcface", "cosface", "combined", "normface"}

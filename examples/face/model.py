@@ -113,6 +113,17 @@ def make_head(name: str, embedding_dim: int, num_classes: int, kwargs: dict[str,
     return classes[name](embedding_dim, num_classes, label_smoothing=label_smoothing, **options)
 
 
+# Heads whose logits ignore the embedding norm: a center loss beside them should see unit
+# vectors, or it could be lowered for free by shrinking every embedding towards zero.
+NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface")
+
+
+def center_loss_input(head_name: str, embeddings: torch.Tensor) -> torch.Tensor:
+    """What the center loss beside head ``head_name`` compares: unit vectors for the
+    norm-free heads, raw embeddings otherwise (softmax, SphereFace, L-Softmax)."""
+    return F.normalize(embeddings, dim=1) if head_name in NORM_FREE_HEADS else embeddings
+
+
 def copy_class_weights(source: nn.Module, target: nn.Module) -> bool:
     """Start ``target``'s class weights from ``source``'s (same ``[C, D]`` shape); True if copied.
 

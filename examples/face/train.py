@@ -57,6 +57,7 @@ from face.data import (
 from face.model import (
     HEADS,
     CheckpointError,
+    center_loss_input,
     copy_class_weights,
     head_kwargs,
     load_checkpoint,
@@ -227,7 +228,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def train_one_epoch(
     backbone: nn.Module, head: nn.Module, center_loss: nn.Module | None, loader: DataLoader, steps: int,
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-    device: torch.device, args: argparse.Namespace, desc: str,
+    device: torch.device, args: argparse.Namespace, desc: str, head_name: str,
 ) -> tuple[float, float]:
     """One pass over at most ``steps`` batches; returns the mean loss and the training accuracy."""
     backbone.train()
@@ -244,7 +245,7 @@ def train_one_epoch(
         embeddings = embeddings.float()
         loss = head(embeddings, labels)
         if center_loss is not None:
-            loss = loss + args.center_loss_weight * center_loss(embeddings, labels)
+            loss = loss + args.center_loss_weight * center_loss(center_loss_input(head_name, embeddings), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -418,7 +419,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
                 backbone, head, center_loss, train_loader, steps_per_epoch, optimizer, scheduler, scaler, device, args,
-                desc=f"epoch {global_epoch + 1} [{stage.head}]",
+                desc=f"epoch {global_epoch + 1} [{stage.head}]", head_name=stage.head,
             )
             dev_loss, dev_acc = evaluate(backbone, head, dev_loader, device, args.amp)
             stage_epoch += 1
