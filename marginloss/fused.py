@@ -237,11 +237,14 @@ def _plain_parts(
         x = x / x.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
     if normalize_weight:
         w = w / w.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    x = x * scale  # on the [B, D] side: one [B, C] tensor fewer
     with torch.autocast(embeddings.device.type, enabled=False):
-        logits = (x.to(gemm) @ w.to(gemm).T).to(compute) * scale
-    target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)
-    lse_rest = logits.masked_fill(target, -math.inf).logsumexp(dim=1)
-    sum_rest = logits.masked_fill(target, 0.0).sum(dim=1) if need_sum else None
+        logits = (x.to(gemm) @ w.to(gemm).T).to(compute)
+    # Index-based exclusion of the target column: no [B, C] mask is built or kept for backward.
+    lse_rest = logits.scatter(1, labels[:, None], -math.inf).logsumexp(dim=1)
+    sum_rest = None
+    if need_sum:
+        sum_rest = logits.sum(dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
     return lse_rest, sum_rest
 
 

@@ -280,6 +280,13 @@ def test_chunk_forward_compiles_fullgraph() -> None:
     got = compiled(logits.clone(), local[0], inside[0], True)
     for a, b in zip(got, eager):
         assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # The backward's per-chunk work, from kept logits into a work buffer.
+    hi, lo, grad_sum = torch.full((8,), 3.0), torch.full((8,), -0.5), torch.full((8,), 0.01)
+    compiled_grad = torch.compile(fused._chunk_grad_logits, fullgraph=True, backend="aot_eager")
+    eager_grad = fused._chunk_grad_logits(logits, local[0], inside[0], hi, lo, grad_sum, torch.empty(8, 32))
+    got_grad = compiled_grad(logits, local[0], inside[0], hi, lo, grad_sum, torch.empty(8, 32))
+    assert_close(got_grad, eager_grad, rtol=1e-6, atol=1e-6)
+    assert float(eager_grad[0, 0]) == 0.0 and float(eager_grad[1, 31]) == 0.0  # target columns
 
 
 def test_default_chunk_size_bounds() -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import marginloss
 from marginloss import functional as MF
+from marginloss import fused
 from tests.reference import assert_close, head_loss
 
 HEADS = ["arcface", "cosface", "combined", "normface", "sphereface", "lsoftmax"]
@@ -74,7 +75,9 @@ def problems(draw: st.DrawFn, head: str) -> tuple:
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     smoothing = draw(st.sampled_from([0.0, 0.1]))
     chunk = draw(st.sampled_from([None, 1, 2, 5, "auto"]))
-    return embeddings, weight, labels, hp, reduction, smoothing, chunk
+    # How many of the chunked engine's logit blocks forward keeps for backward: none, one, all.
+    kept_blocks = draw(st.sampled_from([0, 1, classes]))
+    return embeddings, weight, labels, hp, reduction, smoothing, chunk, kept_blocks
 
 
 def _call(head: str, embeddings, weight, labels, hp, **kwargs):
@@ -85,10 +88,15 @@ def _call(head: str, embeddings, weight, labels, hp, **kwargs):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_loss_and_gradients_match_reference(head: str, data: st.DataObject) -> None:
-    embeddings, weight, labels, hp, reduction, smoothing, chunk = data.draw(problems(head))
+    embeddings, weight, labels, hp, reduction, smoothing, chunk, kept_blocks = data.draw(problems(head))
     x1 = embeddings.clone().requires_grad_()
     w1 = weight.clone().requires_grad_()
-    loss = _call(head, x1, w1, labels, hp, reduction=reduction, label_smoothing=smoothing, chunk_size=chunk)
+    width = chunk if isinstance(chunk, int) else weight.shape[0]
+    previous = fused.set_backward_cache_bytes(kept_blocks * embeddings.shape[0] * width * 8)
+    try:
+        loss = _call(head, x1, w1, labels, hp, reduction=reduction, label_smoothing=smoothing, chunk_size=chunk)
+    finally:
+        fused.set_backward_cache_bytes(previous)
     x2 = embeddings.clone().requires_grad_()
     w2 = weight.clone().requires_grad_()
     expected = head_loss(head, x2, w2, labels, hp, reduction, smoothing)
