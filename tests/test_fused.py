@@ -369,3 +369,23 @@ def test_arcface_gradient_near_zero_angle_is_accurate_in_fp32(path) -> None:
     for name, a, ref in zip(("loss", "embeddings.grad", "weight.grad"), got, reference):
         err = float((a.double() - ref).abs().max()) / float(ref.abs().max())
         assert err < 2e-5, (name, err)  # it was 0.5 (plain) and 1e2 (chunked) with fp32 sin θ
+
+
+def test_transposed_and_half_precision_weights() -> None:
+    """A [D, C] parameter passed as ``P.T`` (non-contiguous rows) and a float16 weight beside
+    float32 embeddings take the engine's copy paths; both match plain autograd."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 300, (8,), generator=gen)
+    param = torch.randn(16, 300, generator=gen, dtype=torch.float64)
+    for weight_of, tol in ((lambda p: p.T, 1e-10), (lambda p: p.T.contiguous().half(), 2e-3)):
+        grads = {}
+        for chunk in (None, 64):
+            p = param.clone().requires_grad_()
+            xx = x.clone().to(torch.float32 if weight_of(param).dtype == torch.float16 else torch.float64)
+            xx.requires_grad_()
+            MF.arcface(xx, weight_of(p), labels, scale=30.0, chunk_size=chunk).backward()
+            grads[chunk] = (xx.grad, p.grad)
+        for got, ref in zip(grads[64], grads[None]):
+            # float16 weight gradients: one float16 rounding apart at most.
+            assert_close(got.double(), ref.double(), rtol=tol, atol=tol * float(ref.abs().max()))
