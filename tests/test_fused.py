@@ -389,3 +389,20 @@ def test_transposed_and_half_precision_weights() -> None:
         for got, ref in zip(grads[64], grads[None]):
             # float16 weight gradients: one float16 rounding apart at most.
             assert_close(got.double(), ref.double(), rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_two_calls_before_one_backward() -> None:
+    """Each call keeps its own blocks: two forwards, then one backward, equal two steps."""
+    x, w, labels = _problem(12, 200, 6, torch.float64)
+    head = marginloss.ArcFace(6, 200, chunk_size=32, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    first, second = x.clone().requires_grad_(), (x.flip(0) * 0.5).requires_grad_()
+    (head(first, labels) + 2.0 * head(second, labels.flip(0))).backward()
+    together = (first.grad, second.grad, head.weight.grad.clone())
+    head.weight.grad = None
+    first2, second2 = x.clone().requires_grad_(), (x.flip(0) * 0.5).requires_grad_()
+    head(first2, labels).backward()
+    (2.0 * head(second2, labels.flip(0))).backward()
+    for a, b in zip(together, (first2.grad, second2.grad, head.weight.grad)):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
