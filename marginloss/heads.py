@@ -117,7 +117,8 @@ class _MarginHead(nn.Module):
             normalize_embeddings=self._normalize_embeddings,
             normalize_weight=self._normalize_weight, **self._loss_kwargs(),
             sample_rate=self.sample_rate if sampling else 1.0, sample_seed=self.sample_seed,
-            sample_step=int(self.sample_step),
+            # Read on the host only when sampling needs it (a device sync on GPU).
+            sample_step=int(self.sample_step) if sampling else 0,
         )
         if sampling:
             self.sample_step.add_(1)
