@@ -81,10 +81,10 @@ from marginloss import _validation as V
 from marginloss.fused import (
     ChunkSize,
     TargetFn,
-    _cached_chunk_count,
     _compute_dtype,
     _Config,
     _gemm_dtype,
+    _kept_chunk_count,
     _reduce,
     _row_loss,
     _scaled_embeddings,
@@ -442,7 +442,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
-            kept = _cached_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
+            kept = _kept_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
             blocks = torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
             lse_local, sum_local = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute, None, blocks)
             owned = (labels >= 0) & (labels < weight.shape[0])

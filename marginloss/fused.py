@@ -123,8 +123,8 @@ def backward_cache_bytes() -> int:
     return _cache_bytes
 
 
-def _cached_chunk_count(batch: int, width: int, num_rows: int, dtype: torch.dtype) -> int:
-    """How many leading full-width chunks fit the backward cache budget."""
+def _kept_chunk_count(batch: int, width: int, num_rows: int, dtype: torch.dtype) -> int:
+    """How many leading full-width chunks' logit blocks fit the backward cache budget."""
     block = batch * width * torch.finfo(dtype).bits // 8
     return 0 if block == 0 else min(num_rows // width, _cache_bytes // block)
 
@@ -305,11 +305,11 @@ def _flushed_exp_(exponent: Tensor) -> Tensor:
 
 def _chunk_forward(
     logits: Tensor, local: Tensor, inside: Tensor, need_sum: bool, out: Tensor | None = None
-) -> tuple[Tensor, Tensor | None, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Masked log-sum-exp (and sum) of one chunk's logits; the target column is excluded.
 
     ``local``/``inside`` are this chunk's slice of :func:`_chunk_targets`.  Returns
-    ``(lse, sum, row_max)``, ``lse`` in float64.  The exponentials ``exp(logits - row_max)``
+    ``(lse, sum)``, ``lse`` in float64.  The exponentials ``exp(logits - row_max)``
     (target column and would-be subnormals exactly 0) go to ``out`` and ``logits`` is
     left as it was, or, without ``out``, overwrite ``logits``.  Fixed shapes, no host
     synchronisation: compilable as is.
@@ -328,7 +328,7 @@ def _chunk_forward(
         logits.scatter_(1, local, at_target)
     # Row statistics are O(B): keep them in float64 so lse ~ s = 64 carries no fp32 rounding.
     lse = probs.sum(dim=1).to(_wide_dtype(probs.device)).log_().add_(row_max)
-    return lse, chunk_sum, row_max
+    return lse, chunk_sum
 
 
 def _chunk_grad_logits(
@@ -389,7 +389,7 @@ class _Config:
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
         self.chunk_size = chunk_size
-        # Whether forward may keep softmax blocks for backward (some input needs a gradient).
+        # Whether forward may keep logit blocks for backward (some input needs a gradient).
         self.keep_blocks = keep_blocks
 
 
@@ -445,10 +445,10 @@ def rest_logsumexp(
         full = min(stop, num_rows) - start == work.shape[1]
         if blocks is not None and k < kept:
             logits = _chunk_logits(xs, weight[start:stop], inv, compute, blocks[k])
-            chunk_lse, chunk_sum, _ = _chunk_forward(logits, local[k], inside[k], need_sum, work)
+            chunk_lse, chunk_sum = _chunk_forward(logits, local[k], inside[k], need_sum, work)
         else:
             logits = _chunk_logits(xs, weight[start:stop], inv, compute, work if full else None)
-            chunk_lse, chunk_sum, _ = _chunk_forward(logits, local[k], inside[k], need_sum)
+            chunk_lse, chunk_sum = _chunk_forward(logits, local[k], inside[k], need_sum)
         lse_rest = torch.logaddexp(lse_rest, chunk_lse)
         if sum_rest is not None and chunk_sum is not None:
             sum_rest = sum_rest + chunk_sum.to(sum_rest.dtype)
@@ -636,7 +636,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             xs, _ = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
             inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
-            kept = _cached_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
+            kept = _kept_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
             blocks = (
                 torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
             )
