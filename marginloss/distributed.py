@@ -750,7 +750,7 @@ def sharded_margin_softmax_loss(
     if chunk_size is None:
         width = used.shape[0]
     elif chunk_size == "auto":
-        width = default_chunk_size(total, used.shape[0])
+        width = default_chunk_size(total, used.shape[0], used.device)
     else:
         width = int(chunk_size)
     cfg = _Config(

@@ -55,19 +55,24 @@ ChunkSize = Union[int, str, None]
 
 _NORM_EPS = 1e-12
 _REDUCTIONS = ("mean", "sum", "none")
-# One [B, chunk] float32 block of this many elements (4 MiB) stays cache-friendly while
-# keeping each GEMM large enough to run near peak.
+# CPU: one [B, chunk] float32 block of this many elements (4 MiB) stays cache-friendly while
+# keeping each GEMM large enough to run near peak (measured: benchmarks/results/cpu.md).
 _AUTO_BLOCK_ELEMENTS = 1 << 20
+# Accelerators: each chunk launches ~40 kernels; 64 MiB blocks keep the GEMMs long enough
+# to hide the launches (a design estimate, not yet measured on a GPU in this project).
+_AUTO_BLOCK_ELEMENTS_ACCELERATOR = 1 << 24
 _MIN_AUTO_CHUNK = 256
 _DEFAULT_CACHE_BYTES = 64 << 20
 _cache_bytes = _DEFAULT_CACHE_BYTES
 
 
-def default_chunk_size(batch_size: int, num_classes: int) -> int:
-    """The class-chunk width ``chunk_size="auto"`` picks for a batch and class count.
+def default_chunk_size(batch_size: int, num_classes: int, device: torch.device | str | None = None) -> int:
+    """The class-chunk width ``chunk_size="auto"`` picks for a batch, class count and device.
 
-    Chooses ``2**20 / batch_size`` classes (a 4 MiB float32 block), at least 256 and at
-    most ``num_classes``.
+    On the CPU (the default) it chooses ``2**20 / batch_size`` classes, a 4 MiB float32
+    block that stays in cache; on an accelerator (CUDA and others) ``2**24 / batch_size``
+    classes, a 64 MiB block, so that each chunk's matrix products outlast its few dozen
+    kernel launches.  At least 256 and at most ``num_classes``.
 
     Examples
     --------
@@ -75,8 +80,12 @@ def default_chunk_size(batch_size: int, num_classes: int) -> int:
     4096
     >>> default_chunk_size(256, 1000)
     1000
+    >>> default_chunk_size(256, 1_000_000, "cuda")
+    65536
     """
-    chunk = max(_MIN_AUTO_CHUNK, _AUTO_BLOCK_ELEMENTS // max(batch_size, 1))
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    elements = _AUTO_BLOCK_ELEMENTS if on_cpu else _AUTO_BLOCK_ELEMENTS_ACCELERATOR
+    chunk = max(_MIN_AUTO_CHUNK, elements // max(batch_size, 1))
     return max(1, min(chunk, num_classes))
 
 
@@ -817,7 +826,7 @@ def margin_softmax_loss(
         target_logit = (radius * target_fn(cos)).to(compute)
         row = _row_loss(lse_rest, sum_rest, target_logit, num_classes, label_smoothing)
     else:
-        width = default_chunk_size(embeddings.shape[0], num_classes) if chunk == "auto" else int(chunk)
+        width = default_chunk_size(embeddings.shape[0], num_classes, embeddings.device) if chunk == "auto" else int(chunk)
         cfg = _Config(
             target_fn, float(scale), normalize_embeddings, normalize_weight, label_smoothing,
             num_classes, min(width, num_classes), target_grad,

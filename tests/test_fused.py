@@ -293,6 +293,11 @@ def test_default_chunk_size_bounds() -> None:
     assert fused.default_chunk_size(1, 10) == 10
     assert fused.default_chunk_size(4096, 10**6) == 256
     assert fused.default_chunk_size(256, 10**5) == 4096
+    assert fused.default_chunk_size(256, 10**5, torch.device("cpu")) == 4096
+    # Accelerators: 64 MiB blocks (no device is touched; only its type is read).
+    assert fused.default_chunk_size(256, 10**6, "cuda") == 65536
+    assert fused.default_chunk_size(256, 10**6, torch.device("cuda", 3)) == 65536
+    assert fused.default_chunk_size(2**20, 10**6, "cuda") == 256
 
 
 def test_ignored_rows_do_not_touch_out_of_range_labels() -> None:
