@@ -139,7 +139,8 @@ def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
     lines += [
         "",
         "Weight and gradient shrink as 1/W; the workspace is the engine's `[batch, chunk]` blocks",
-        "(chunk = 2^20 / batch classes), the same at every W.  With PartialFC the peak also holds",
+        "(chunk = 2^20 / batch classes; up to 64 MiB of them kept from forward for backward), the",
+        "same at every W.  With PartialFC the peak also holds",
         "the gradient of the sampled rows' copy (`ceil(rate x shard) x D`) while it is scattered",
         "into the dense shard gradient.  Step times come from 1-thread processes sharing 2 CPU cores",
         "with other work: they are not a speed benchmark.",
