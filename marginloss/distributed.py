@@ -84,11 +84,12 @@ from marginloss.fused import (
     _compute_dtype,
     _Config,
     _gemm_dtype,
-    _kept_chunk_count,
+    _kept_blocks,
     _reduce,
     _row_loss,
     _scaled_embeddings,
     _target_cos_radius,
+    _wants_gradient,
     _wide_dtype,
     default_chunk_size,
     rest_backward,
@@ -442,8 +443,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
-            kept = _kept_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
-            blocks = torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
+            blocks = _kept_blocks(cfg, x.shape[0], weight.shape[0], compute, x.device)
             lse_local, sum_local = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute, None, blocks)
             owned = (labels >= 0) & (labels < weight.shape[0])
             # The O(B·D) target path runs wide (float64): sin θ near θ = 0 from an fp32 cos is noise.
@@ -756,7 +756,7 @@ def sharded_margin_softmax_loss(
     cfg = _Config(
         target_fn, float(scale), normalize_embeddings, normalize_weight, float(label_smoothing),
         classes, min(width, used.shape[0]),
-        keep_blocks=torch.is_grad_enabled() and (x_global.requires_grad or used.requires_grad),
+        keep_blocks=_wants_gradient(x_global, used),
     )
     row = _ShardedMarginSoftmax.apply(x_global, used, local_labels, valid, cfg, group)
     return _reduce(row, valid, reduction)

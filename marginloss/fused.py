@@ -132,10 +132,19 @@ def backward_cache_bytes() -> int:
     return _cache_bytes
 
 
-def _kept_chunk_count(batch: int, width: int, num_rows: int, dtype: torch.dtype) -> int:
-    """How many leading full-width chunks' logit blocks fit the backward cache budget."""
-    block = batch * width * torch.finfo(dtype).bits // 8
-    return 0 if block == 0 else min(num_rows // width, _cache_bytes // block)
+def _kept_blocks(cfg: _Config, batch: int, num_rows: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """The ``[K, B, chunk_size]`` buffer for the logit blocks forward keeps for backward:
+    as many leading full-width chunks as fit the budget, or None (nothing to keep)."""
+    if not cfg.keep_blocks:
+        return None
+    block = batch * cfg.chunk_size * torch.finfo(dtype).bits // 8
+    kept = 0 if block == 0 else min(num_rows // cfg.chunk_size, _cache_bytes // block)
+    return torch.empty((kept, batch, cfg.chunk_size), dtype=dtype, device=device) if kept else None
+
+
+def _wants_gradient(*tensors: Tensor) -> bool:
+    """Whether autograd will differentiate through these inputs (so blocks are worth keeping)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- shared O(B) math
@@ -645,10 +654,7 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
             xs, _ = _scaled_embeddings(x, cfg)
             xs_gemm = xs.to(gemm)
             inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
-            kept = _kept_chunk_count(x.shape[0], cfg.chunk_size, weight.shape[0], compute) if cfg.keep_blocks else 0
-            blocks = (
-                torch.empty((kept, x.shape[0], cfg.chunk_size), dtype=compute, device=x.device) if kept else None
-            )
+            blocks = _kept_blocks(cfg, x.shape[0], weight.shape[0], compute, x.device)
             lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute, inv_norms, blocks)
             wide = _wide_dtype(x.device)
             cos, radius = _target_cos_radius(
@@ -830,7 +836,7 @@ def margin_softmax_loss(
         cfg = _Config(
             target_fn, float(scale), normalize_embeddings, normalize_weight, label_smoothing,
             num_classes, min(width, num_classes), target_grad,
-            keep_blocks=torch.is_grad_enabled() and (embeddings.requires_grad or weight.requires_grad),
+            keep_blocks=_wants_gradient(embeddings, weight),
         )
         row = _ChunkedMarginSoftmax.apply(embeddings, weight, safe_labels, valid, cfg)
     return _reduce(row, valid, reduction)
