@@ -134,3 +134,27 @@ def describe_difference(actual: Tensor, expected: Tensor) -> str:
 def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float, what: str = "") -> None:
     ok = torch.allclose(actual.detach().double(), expected.detach().double(), rtol=rtol, atol=atol)
     assert ok, f"{what}: {describe_difference(actual, expected)}"
+
+
+# ---------------------------------------------------------------- derivatives d f / d cos θ
+# Written from the angle form: d/dcos h(θ) = -h'(θ) / sin θ with θ = acos(cos).
+
+
+def arcface_slope(cos: Tensor, margin: float, easy_margin: bool) -> Tensor:
+    theta = torch.acos(cos)
+    shifted = torch.sin(theta + margin) / torch.sin(theta)
+    keep = cos > 0 if easy_margin else theta + margin <= math.pi
+    return torch.where(keep, shifted, torch.ones_like(cos))
+
+
+def combined_margin_slope(cos: Tensor, m1: float, m2: float) -> Tensor:
+    theta = torch.acos(cos)
+    return m1 * torch.sin(m1 * theta + m2) / torch.sin(theta)
+
+
+def sphereface_slope(cos: Tensor, m: int, lambda_: float) -> Tensor:
+    theta = torch.acos(cos)
+    k = torch.clamp(torch.floor(theta * m / math.pi), max=m - 1)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    psi_slope = sign * m * torch.sin(m * theta) / torch.sin(theta)
+    return (lambda_ + psi_slope) / (1.0 + lambda_)
