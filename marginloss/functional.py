@@ -28,7 +28,11 @@ from torch import Tensor
 from marginloss import _validation as V
 from marginloss.fused import reduce_rows, softmax_row_loss
 from marginloss.heads.arcface import arcface, arcface_logits, arcface_target
-from marginloss.heads.combined_margin import combined_margin, combined_margin_logits, combined_margin_target
+from marginloss.heads.combined_margin import (
+    combined_margin,
+    combined_margin_logits,
+    combined_margin_target,
+)
 from marginloss.heads.cosface import cosface, cosface_logits, cosface_target
 from marginloss.heads.lsoftmax import lsoftmax, lsoftmax_logits, lsoftmax_target
 from marginloss.heads.normface import normface

@@ -50,6 +50,7 @@ precision).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,9 +73,9 @@ __all__ = [
     "margin_loss",
     "margin_softmax_loss",
     "plain_path_elements",
+    "reduce_rows",
     "replaying_forward",
     "rest_backward",
-    "reduce_rows",
     "rest_logsumexp",
     "scaled_embeddings_backward",
     "set_backward_cache_bytes",
@@ -185,6 +186,13 @@ def backward_cache_bytes() -> int:
     return _cache_bytes
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled for ``device`` (nothing to disable on ``meta``)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     dtype = torch.float32
     for tensor in tensors:
@@ -199,6 +207,8 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
 
 
 def _gemm_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    if device.type == "meta":
+        return compute_dtype
     if torch.is_autocast_enabled(device.type) and compute_dtype == torch.float32:
         return torch.get_autocast_dtype(device.type)
     return compute_dtype
@@ -994,7 +1004,7 @@ def _plain_rest(
     if cfg.normalize_weight:
         w = w * _safe_reciprocal(_row_norms(w, compute))[:, None]
     xc = xc * scale  # on the [B, D] side: one [B, C] tensor fewer
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device):
         z = (xc.to(gemm) @ w.to(gemm).T).to(compute)
     k = cfg.num_subcenters
     if k > 1:
@@ -1048,7 +1058,7 @@ class _MarginEngine(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         compute = _compute_dtype(embeddings, weight)
         gemm = _gemm_dtype(embeddings.device, compute)
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with _autocast_off(embeddings.device):
             cos, x_norm, w_norm, index = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
             if group is not None:
                 stacked = torch.stack([cos, w_norm])
@@ -1070,8 +1080,8 @@ class _MarginEngine(torch.autograd.Function):
                     stacked = torch.stack([stat, rest_sum])
                     torch.distributed.all_reduce(stacked, group=group)
                     stat, rest_sum = stacked[0], stacked[1]
-        ctx.save_for_backward(  # type: ignore[attr-defined]
-            embeddings, weight, labels, owned, scale, bias, inv_norms, stat, cos, index, blocks
+        ctx.save_for_backward(
+            embeddings, weight, labels, owned, scale, bias, inv_norms, stat, cos, index, blocks  # type: ignore[arg-type]
         )
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.group = group  # type: ignore[attr-defined]
@@ -1121,7 +1131,7 @@ class _MarginEngine(torch.autograd.Function):
         grad_w_norm_ = torch.where(owned, grad_w_norm_, zero)
         smoothing_sum = grad_sum_ if cfg.label_smoothing > 0.0 else None
 
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with _autocast_off(embeddings.device):
             x = embeddings.to(compute)
             xs, x_inv_norm = _scaled_embeddings(x, cfg)
             grad_scale = grad_bias = None
@@ -1181,7 +1191,7 @@ def _double_backward(
         )
     embeddings, weight, labels, owned, scale_t, bias_t, _, _, _, _, _ = saved
     scale: Scale = scale_t if scale_t is not None else cfg.scale
-    with torch.autocast(embeddings.device.type, enabled=False):
+    with _autocast_off(embeddings.device):
         stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, scale, bias_t, cfg, ctx.gemm)
         cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
     outputs = (stat, rest_sum, cos, x_norm, w_norm)
@@ -1521,7 +1531,7 @@ def margin_loss(
         compute = _compute_dtype(embeddings, weight)
         weight_norms = None
         if normalize_weight or V.values_checked(weight):
-            with torch.autocast(weight.device.type, enabled=False):
+            with _autocast_off(weight.device):
                 weight_norms = _row_norms(weight.detach(), compute)
         V.check_inputs_values(embeddings, weight_norms, checked.labels, total_classes, ignore_index)
     except Exception as exc:
@@ -1543,7 +1553,7 @@ def margin_loss(
         if state_digest is None:
             state_digest = torch.zeros((), dtype=torch.float64, device=device)
         batch_sizes = tuple(_check_agreement(group, device, fields, state_digest, error, what, describe))
-    assert checked is not None  # every failure above raised  # noqa: S101
+    assert checked is not None  # every failure above raised
     scale_value, bias_value = checked.scale, checked.bias
 
     if group is None:
@@ -1601,11 +1611,11 @@ def margin_loss(
         frozen = MarginContext(**context.__dict__)
 
     def rest_transform(cos: Tensor) -> Tensor:
-        assert non_target is not None and frozen is not None  # noqa: S101
+        assert non_target is not None and frozen is not None
         return non_target(cos, frozen)
 
     def rest_slope(cos: Tensor) -> Tensor:
-        assert non_target_grad is not None and frozen is not None  # noqa: S101
+        assert non_target_grad is not None and frozen is not None
         return non_target_grad(cos, frozen)
 
     if checked.chunk is None:
@@ -1636,7 +1646,7 @@ def margin_loss(
     )
     if plain:
         gemm = _gemm_dtype(x_global.device, _compute_dtype(x_global, used))
-        with torch.autocast(x_global.device.type, enabled=False):
+        with _autocast_off(x_global.device):
             cos, x_norm, w_norm, _ = _target_cosine(x_global, used, local, owned, num_subcenters)
             if non_target is not None:
                 run_prepare(cos)

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from marginloss.fused import ChunkSize, MarginContext, margin_loss
 from marginloss.heads._common import (
-    check_cosine_values,
     check_angular_margin,
+    check_cosine_values,
     check_logit_inputs,
     check_scale,
     replace_target,

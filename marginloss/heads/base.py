@@ -450,7 +450,10 @@ def register_head(name: str) -> Callable[[HeadT], HeadT]:
         if not (isinstance(cls, type) and issubclass(cls, MarginHead)):
             raise TypeError(f"register_head({name!r}) decorates MarginHead subclasses, got {cls!r}")
         existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
+        # The same class imported a second time (a module reloaded, doctest collection) is
+        # not a clash; another class under the same name is.
+        same = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+        if existing is not None and existing is not cls and not same:
             raise ValueError(f"a head is already registered as {name!r}: {existing.__qualname__}")
         _REGISTRY[name] = cls
         return cls

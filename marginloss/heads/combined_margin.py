@@ -10,9 +10,9 @@ from torch import Tensor
 from marginloss import _validation as V
 from marginloss.fused import ChunkSize, MarginContext, margin_loss
 from marginloss.heads._common import (
-    check_cosine_values,
     check_angular_margin,
     check_cosine_margin,
+    check_cosine_values,
     check_logit_inputs,
     check_scale,
     replace_target,

@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 
 from marginloss.fused import ChunkSize, MarginContext, margin_loss
-from marginloss.heads._common import check_cosine_margin, check_logit_inputs, check_scale, replace_target
+from marginloss.heads._common import (
+    check_cosine_margin,
+    check_cosine_values,
+    check_logit_inputs,
+    check_scale,
+    replace_target,
+)
 from marginloss.heads.base import MarginHead, register_head
 
 if TYPE_CHECKING:

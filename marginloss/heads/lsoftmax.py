@@ -8,9 +8,20 @@ import torch
 from torch import Tensor
 
 from marginloss.fused import ChunkSize, MarginContext, margin_loss
-from marginloss.heads._common import check_cosine_values, check_logit_inputs, replace_target, target_column
+from marginloss.heads._common import (
+    check_cosine_values,
+    check_logit_inputs,
+    replace_target,
+    target_column,
+)
 from marginloss.heads.base import register_head
-from marginloss.heads.sphereface import Lambda, SphereFace, check_int_margin, check_lambda, sphereface_target
+from marginloss.heads.sphereface import (
+    Lambda,
+    SphereFace,
+    check_int_margin,
+    check_lambda,
+    sphereface_target,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -10,7 +10,12 @@ from torch import Tensor
 
 from marginloss import _validation as V
 from marginloss.fused import ChunkSize, MarginContext, margin_loss
-from marginloss.heads._common import check_cosine_values, check_logit_inputs, replace_target, target_column
+from marginloss.heads._common import (
+    check_cosine_values,
+    check_logit_inputs,
+    replace_target,
+    target_column,
+)
 from marginloss.heads.base import MarginHead, register_head
 
 if TYPE_CHECKING:
