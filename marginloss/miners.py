@@ -107,19 +107,48 @@ def _pairwise_distance(embeddings: Tensor, distance: str) -> Tensor:
     batch = embeddings.shape[0]
     diagonal = torch.eye(batch, dtype=torch.bool, device=embeddings.device)
     if distance == "cosine":
-        unit = F.normalize(embeddings, dim=1)
+        unit = _unit_rows(embeddings)
         dist = (1.0 - unit @ unit.T).clamp(0.0, 2.0)
+        return dist.masked_fill(diagonal, 0.0)
+    # Distances are homogeneous (D(x / s) = D(x) / s), so dividing by a power of two s near
+    # the largest |x| keeps every square in range: without it, norms above ~1e19 overflow
+    # and norms below ~1e-19 underflow to 0 in float32 (0.1 gave loss 0 at norm 1e20).
+    # s is a constant (no gradient), a power of two so the division is exact.
+    scale = _power_of_two_scale(embeddings)
+    scaled = embeddings / scale
+    centred = scaled - scaled.mean(dim=0, keepdim=True)
+    sq_norms = centred.pow(2).sum(dim=1)
+    dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (centred @ centred.T)).clamp_min(0.0)
+    if distance == "euclidean":
+        # d sqrt(s)/ds is infinite at s = 0; taking the root only where s > 0 makes the
+        # gradient at coincident points 0 (a valid subgradient) instead of inf * 0 = NaN.
+        nonzero = dist > 0
+        safe = torch.where(nonzero, dist, torch.ones_like(dist))
+        dist = torch.where(nonzero, safe.sqrt(), torch.zeros_like(dist)) * scale
     else:
-        centred = embeddings - embeddings.mean(dim=0, keepdim=True)
-        sq_norms = centred.pow(2).sum(dim=1)
-        dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (centred @ centred.T)).clamp_min(0.0)
-        if distance == "euclidean":
-            # d sqrt(s)/ds is infinite at s = 0; taking the root only where s > 0 makes the
-            # gradient at coincident points 0 (a valid subgradient) instead of inf * 0 = NaN.
-            nonzero = dist > 0
-            safe = torch.where(nonzero, dist, torch.ones_like(dist))
-            dist = torch.where(nonzero, safe.sqrt(), torch.zeros_like(dist))
+        # two products, not one by scale**2: 0 * s * s stays 0 where s**2 alone is inf
+        dist = dist * scale * scale
     return dist.masked_fill(diagonal, 0.0)
+
+
+def _power_of_two_scale(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """Detached power of two within a factor 2 of ``max |tensor|`` (over ``dim``, or all);
+    1 where that maximum is 0.  No host synchronisation."""
+    magnitude = tensor.detach().abs()
+    if magnitude.numel() == 0:
+        return torch.ones((), dtype=tensor.dtype, device=tensor.device)
+    largest = magnitude.amax() if dim is None else magnitude.amax(dim=dim, keepdim=True)
+    exponent = torch.frexp(largest).exponent
+    power = torch.ldexp(torch.ones_like(largest), exponent)
+    return torch.where(largest > 0, power, torch.ones_like(largest))
+
+
+def _unit_rows(embeddings: Tensor) -> Tensor:
+    """Rows divided by their L2 norm; zero rows stay zero.  Each row is first brought near
+    unit scale by a power of two, so the norm neither overflows (|x| ~ 1e20) nor underflows
+    (|x| ~ 1e-25) in float32; the result and its gradient are those of ``x / ||x||``."""
+    scaled = embeddings / _power_of_two_scale(embeddings, dim=1)
+    return F.normalize(scaled, dim=1)
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
