@@ -30,7 +30,7 @@ from marginloss._validation import (
     check_same_device,
 )
 
-__all__ = ["batch_all", "batch_hard", "pairwise_distance", "semi_hard"]
+__all__ = ["batch_all", "batch_hard", "multi_similarity_miner", "pairwise_distance", "semi_hard"]
 
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 
@@ -408,27 +408,112 @@ def semi_hard(dist: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tens
     return anchor, positive, negative_idx[anchor, positive]
 
 
-def _check_miner_inputs(dist: object, labels: object) -> tuple[Tensor, Tensor]:
+def _check_miner_inputs(
+    dist: object, labels: object, name: str = "dist"
+) -> tuple[Tensor, Tensor]:
+    kind = "similarity" if name == "similarity" else "distance"
     if not isinstance(dist, Tensor):
-        raise TypeError(f"dist must be a torch.Tensor, got {type(dist).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(dist).__name__}")
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
         raise ValueError(
-            f"dist must be a square [batch, batch] distance matrix, got shape {tuple(dist.shape)}"
+            f"{name} must be a square [batch, batch] {kind} matrix, got shape {tuple(dist.shape)}"
         )
     if not dist.is_floating_point():
-        raise TypeError(f"dist must be a floating-point tensor, got dtype {dist.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {dist.dtype}")
     if _check_values() and dist.numel() > 0 and not bool(torch.isfinite(dist).all()):
         bad = int((~torch.isfinite(dist)).sum())
         raise ValueError(
-            f"dist must be finite, got {bad} NaN/inf value(s) in a tensor of shape "
+            f"{name} must be finite, got {bad} NaN/inf value(s) in a tensor of shape "
             f"{tuple(dist.shape)}"
         )
     batch = dist.shape[0]
     if isinstance(labels, Tensor) and tuple(labels.shape) != (batch,):
         raise ValueError(
-            f"labels must have shape [{batch}] to match dist of shape {tuple(dist.shape)}, "
+            f"labels must have shape [{batch}] to match {name} of shape {tuple(dist.shape)}, "
             f"got shape {tuple(labels.shape)}"
         )
     checked = check_labels(labels, batch)
-    check_same_device(dist=dist, labels=checked)
+    check_same_device(**{name: dist, "labels": checked})
     return dist, checked
+
+
+def multi_similarity_miner(
+    similarity: Tensor, labels: Tensor, epsilon: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Multi-similarity pair mining: keep the pairs that violate the hardest opposite pair.
+
+    For anchor :math:`i` with similarities :math:`S_{ik}` (larger = more similar),
+
+    .. math::
+
+        \mathcal N_i = \{k : y_k \ne y_i,\; S_{ik} > \min_{y_j = y_i,\, j \ne i} S_{ij} - \epsilon\},
+        \qquad
+        \mathcal P_i = \{j : y_j = y_i,\, j \ne i,\; S_{ij} < \max_{y_k \ne y_i} S_{ik} + \epsilon\}
+
+    The mining step of Wang, Han, Huang, Dong & Scott, "Multi-Similarity Loss with General
+    Pair Weighting for Deep Metric Learning", CVPR 2019 (their Eqs. 12 and 13): a negative
+    is kept when it is more similar than the least similar positive minus :math:`\epsilon`,
+    a positive when it is less similar than the most similar negative plus :math:`\epsilon`.
+    An anchor without positives keeps no negative (the minimum over no positive is
+    :math:`+\infty`), one without negatives keeps no positive.  The output is the pair
+    tuple :class:`marginloss.MultiSimilarityLoss` (and every pair loss) accepts.
+
+    Parameters
+    ----------
+    similarity : Tensor
+        ``[B, B]`` floating-point similarity matrix, finite, e.g. the cosine similarity
+        ``1 - pairwise_distance(embeddings, "cosine")``.
+    labels : Tensor
+        ``[B]`` integer class labels.
+    epsilon : float, default 0.1
+        :math:`\epsilon \ge 0` (the paper's value).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(anchor_positive, positive, anchor_negative, negative)``, ``int64``, the kept
+        positive and negative pairs in row-major order.
+
+    Raises
+    ------
+    TypeError
+        If ``similarity`` is not a floating-point tensor, ``labels`` not an integer tensor,
+        or ``epsilon`` not a real number.
+    ValueError
+        If ``similarity`` is not square or not finite, ``labels`` does not have shape
+        ``[B]``, the two are on different devices, or ``epsilon < 0``.
+
+    Shape:
+        - similarity: :math:`(B, B)`
+        - labels: :math:`(B)`
+        - output: two tensors of shape :math:`(P)`, two of shape :math:`(N)`
+
+    Examples
+    --------
+    >>> import torch
+    >>> from marginloss.miners import multi_similarity_miner
+    >>> similarity = torch.tensor([[1.0, 0.9, 0.2, 0.85],
+    ...                            [0.9, 1.0, 0.3, 0.1],
+    ...                            [0.2, 0.3, 1.0, 0.5],
+    ...                            [0.85, 0.1, 0.5, 1.0]])
+    >>> labels = torch.tensor([0, 0, 1, 1])
+    >>> # anchor 0: positive 1 (0.9 < 0.85 + 0.1) and negative 3 (0.85 > 0.9 - 0.1) kept;
+    >>> # anchors 1 and 2 keep nothing (their negatives are all easy); anchor 3 keeps
+    >>> # positive 2 (0.5 < 0.85 + 0.1) and negative 0 (0.85 > 0.5 - 0.1)
+    >>> multi_similarity_miner(similarity, labels)
+    (tensor([0, 3]), tensor([1, 2]), tensor([0, 3]), tensor([3, 0]))
+    """
+    similarity, labels = _check_miner_inputs(similarity, labels, name="similarity")
+    epsilon = check_float("epsilon", epsilon, low=0.0)
+    similarity = similarity.detach()
+    positive, negative = _label_masks(labels)
+    if similarity.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=similarity.device)
+        return empty, empty, empty, empty
+    hardest_positive = similarity.masked_fill(~positive, torch.inf).amin(dim=1, keepdim=True)
+    hardest_negative = similarity.masked_fill(~negative, -torch.inf).amax(dim=1, keepdim=True)
+    kept_negative = negative & (similarity > hardest_positive - epsilon)
+    kept_positive = positive & (similarity < hardest_negative + epsilon)
+    anchor_p, positive_idx = kept_positive.nonzero(as_tuple=True)
+    anchor_n, negative_idx = kept_negative.nonzero(as_tuple=True)
+    return anchor_p, positive_idx, anchor_n, negative_idx

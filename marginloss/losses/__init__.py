@@ -24,11 +24,35 @@ module                                 function                                s
 from __future__ import annotations
 
 from marginloss.losses.center import CenterLoss, center_loss
+from marginloss.losses.contrastive import ContrastiveLoss, contrastive_loss
+from marginloss.losses.lifted_structure import LiftedStructureLoss, lifted_structure_loss
+from marginloss.losses.marginal import MarginalLoss, marginal_loss
+from marginloss.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from marginloss.losses.npair import NPairLoss, npair_loss
+from marginloss.losses.quadruplet import QuadrupletLoss, quadruplet_loss
+from marginloss.losses.range import RangeLoss, range_loss
+from marginloss.losses.soft_triple import SoftTripleLoss, soft_triple_loss
 from marginloss.losses.triplet import TripletLoss, triplet_loss
 
 __all__ = [
     "CenterLoss",
+    "ContrastiveLoss",
+    "LiftedStructureLoss",
+    "MarginalLoss",
+    "MultiSimilarityLoss",
+    "NPairLoss",
+    "QuadrupletLoss",
+    "RangeLoss",
+    "SoftTripleLoss",
     "TripletLoss",
     "center_loss",
+    "contrastive_loss",
+    "lifted_structure_loss",
+    "marginal_loss",
+    "multi_similarity_loss",
+    "npair_loss",
+    "quadruplet_loss",
+    "range_loss",
+    "soft_triple_loss",
     "triplet_loss",
 ]

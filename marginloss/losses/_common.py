@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from marginloss._validation import _check_values, check_same_device
+from marginloss._validation import _check_values, check_embeddings, check_labels, check_same_device
 
 __all__: list[str] = []
 
@@ -22,6 +22,13 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return total
     return total / max(losses.shape[0], 1)
+
+
+def _check_embeddings_labels(embeddings: object, labels: object) -> tuple[Tensor, Tensor]:
+    checked = check_embeddings(embeddings)
+    checked_labels = check_labels(labels, checked.shape[0])
+    check_same_device(embeddings=checked, labels=checked_labels)
+    return checked, checked_labels
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
