@@ -131,6 +131,26 @@ def _pairwise_distance(embeddings: Tensor, distance: str) -> Tensor:
     return dist.masked_fill(diagonal, 0.0)
 
 
+def _scaled_pairwise_distance(embeddings: Tensor, distance: str) -> tuple[Tensor, Tensor]:
+    """``(dist_hat, scale)`` with ``D = dist_hat * scale`` (``* scale * scale`` for the
+    squared distance; ``scale = 1`` for cosine).  Losses that subtract two distances take
+    the difference on ``dist_hat`` and scale it afterwards, so distances that overflow
+    float32 (squared distances of norm-1e20 embeddings) give +-inf, never inf - inf = NaN."""
+    if distance == "cosine":
+        return _pairwise_distance(embeddings, distance), torch.ones(
+            (), dtype=embeddings.dtype, device=embeddings.device
+        )
+    scale = _power_of_two_scale(embeddings)
+    return _pairwise_distance(embeddings / scale, distance), scale
+
+
+def _unscale(value: Tensor, scale: Tensor, distance: str) -> Tensor:
+    """Undo :func:`_scaled_pairwise_distance`'s scaling of a distance or distance difference."""
+    if distance == "squared_euclidean":
+        return value * scale * scale  # 0 * s * s stays 0 where s * s alone overflows
+    return value * scale
+
+
 def _power_of_two_scale(tensor: Tensor, dim: int | None = None) -> Tensor:
     """Detached power of two within a factor 2 of ``max |tensor|`` (over ``dim``, or all);
     1 where that maximum is 0.  No host synchronisation."""
@@ -201,7 +221,9 @@ def _batch_all_mask(labels: Tensor) -> Tensor:
     return positive[:, :, None] & negative[:, None, :]
 
 
-def _semi_hard_selection(dist: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+def _semi_hard_selection(
+    dist: Tensor, labels: Tensor, margin: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """Per pair ``(a, p)``: the chosen negative (``[B, B]``) and whether the triplet is kept."""
     dist = dist.detach().contiguous()
     batch = dist.shape[0]

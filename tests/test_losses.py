@@ -736,13 +736,7 @@ def test_center_loss_non_finite_centers_raise_naming_the_rows(alpha, bad):
 def test_triplet_loss_is_right_at_extreme_norms_in_float32(scale, distance, mining):
     # 0.1 gave loss 0 at norm 1e20 (squares overflow) and at 1e-25 (squares underflow)
     embeddings, labels = make_batch(3, 10, 4, 3)
-    if distance == "squared_euclidean" and scale > 1e19:
-        pytest.skip("the squared distances themselves exceed float32's range")
-    if distance == "squared_euclidean" and scale < 1e-19:
-        pytest.skip("the squared distances themselves are below float32's smallest normal")
     margin = 0.1 if distance == "cosine" else 0.3 * scale
-    if mining == "semi_hard" and margin == 0:
-        pytest.skip("semi-hard needs a positive margin")
     expected = ref.triplet_loss(
         embeddings * scale, labels, margin=margin, mining=mining, distance_kind=distance,
         soft=False, reduction="mean",
@@ -750,6 +744,10 @@ def test_triplet_loss_is_right_at_extreme_norms_in_float32(scale, distance, mini
     low = (embeddings * scale).float().requires_grad_(True)
     loss = triplet_loss(low, labels, margin=margin, mining=mining, distance=distance)
     assert expected.item() > 0
+    assert not torch.isnan(loss)
+    if expected.item() > 3e38:  # squared distances of norm-1e20 embeddings: beyond float32
+        assert loss.item() == float("inf")
+        return
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0.0)
     loss.backward()
     assert torch.isfinite(low.grad).all()

@@ -17,7 +17,13 @@ from marginloss.losses._common import (
     _pair_masks,
     _upper,
 )
-from marginloss.miners import DISTANCES, _at_least_float32, _autocast_disabled, _pairwise_distance
+from marginloss.miners import (
+    DISTANCES,
+    _at_least_float32,
+    _autocast_disabled,
+    _scaled_pairwise_distance,
+    _unscale,
+)
 
 __all__ = ["LiftedStructureLoss", "lifted_structure_loss"]
 
@@ -132,27 +138,44 @@ def _lifted_structure_loss(
     reduction: str,
 ) -> Tensor:
     batch = embeddings.shape[0]
+    if batch == 0:
+        empty = _at_least_float32(embeddings).sum(dim=1)
+        return empty if reduction == "none" else empty.sum()
     with _autocast_disabled(embeddings.device):
-        dist = _pairwise_distance(_at_least_float32(embeddings), distance)
+        # D = u(dist) with dist = D / s (u multiplies by s, or s * s for the squared
+        # distance).  Every exponent is shifted by the closest negative m_i first and only
+        # differences of dist are scaled back, so J is exact or +-inf at any norm, never
+        # inf - inf: J_ij = alpha + u(d_ij - m) + log(sum_i e^{r_i - u(m_i - m)} + ...).
+        dist, scale = _scaled_pairwise_distance(_at_least_float32(embeddings), distance)
         if pairs is None:
             positive_mask, negative_mask = _pair_masks(labels)
             positive_mask = _upper(positive_mask)
         else:
             positive_mask, negative_mask = _pair_index_masks(pairs, batch, dist.device)
         has_negative = negative_mask.any(dim=1)
-        # log sum_{k in N_i} exp(alpha - D_ik) per sample; rows with no negative get a finite
-        # stand-in (their pairs are masked out below) so no -inf reaches the backward pass.
-        exponent = torch.where(negative_mask, margin - dist, -torch.inf)
+        closest = dist.masked_fill(~negative_mask, torch.inf).amin(dim=1)
+        closest = torch.where(has_negative, closest, torch.zeros_like(closest))
+        shifted = _unscale(dist - closest[:, None], scale, distance)
+        exponent = torch.where(negative_mask, -shifted, -torch.inf)
+        # rows without negatives get a finite stand-in; their pairs are masked out below
         exponent = torch.where(has_negative[:, None], exponent, torch.zeros_like(exponent))
-        row_lse = torch.logsumexp(exponent, dim=1) if batch else dist.sum(dim=1)
-        both = torch.logaddexp(row_lse[:, None], row_lse[None, :])
-        usable = has_negative[:, None] | has_negative[None, :]
-        both = torch.where(
+        row_lse = torch.logsumexp(exponent, dim=1)  # in [0, log B]
+        pair_min = torch.minimum(closest[:, None], closest[None, :])
+        pair_min = torch.where(
             has_negative[:, None] & has_negative[None, :],
-            both,
-            torch.where(has_negative[:, None], row_lse[:, None], row_lse[None, :]),
+            pair_min,
+            torch.where(has_negative[:, None], closest[:, None], closest[None, :]),
         )
-        pair_loss = 0.5 * F.relu(both + dist).pow(2)
+        from_i = row_lse[:, None] - _unscale(closest[:, None] - pair_min, scale, distance)
+        from_j = row_lse[None, :] - _unscale(closest[None, :] - pair_min, scale, distance)
+        from_i = torch.where(has_negative[:, None], from_i, -torch.inf)
+        from_j = torch.where(has_negative[None, :], from_j, -torch.inf)
+        usable = has_negative[:, None] | has_negative[None, :]
+        both = torch.logaddexp(
+            torch.where(usable, from_i, 0.0), torch.where(usable, from_j, 0.0)
+        )
+        J = margin + _unscale(dist - pair_min, scale, distance) + both
+        pair_loss = 0.5 * F.relu(J).pow(2)
         pair_loss = torch.where(usable, pair_loss, torch.zeros_like(pair_loss))
         if pairs is not None:
             anchor_p, positive, _, _ = pairs

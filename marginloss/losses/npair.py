@@ -44,6 +44,9 @@ def npair_loss(
     pairs, so the regulariser is :math:`\lambda` times the mean squared norm of the
     :math:`2N` embeddings used; ``"none"`` returns ``[N]``.  No pair (no class with two
     samples) gives 0 attached to the graph.  With a single pair the softmax term is 0.
+    The :math:`N \times N` inner products are computed in ``float64`` (they square the
+    embedding scale), then cast back: float32 embeddings of any norm give the exact loss, or
+    ``inf`` when the loss itself exceeds float32's range, never NaN.
 
     Parameters
     ----------
@@ -121,14 +124,21 @@ def _npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float, reduction: st
     with _autocast_disabled(embeddings.device):
         values = _at_least_float32(embeddings)
         anchor_idx, positive_idx = _first_two_per_class(labels)
-        anchors, positives = values[anchor_idx], values[positive_idx]
+        # Unnormalised inner products square the embedding scale: in float32 they overflow
+        # above norms ~1e19 (inf - inf = NaN in the softmax).  The N x N products and the
+        # N losses are taken in float64 and cast back, so a loss beyond float32's range is
+        # inf, never NaN, and its gradient stays exact.
+        wide = torch.promote_types(values.dtype, torch.float64)
+        anchors, positives = values[anchor_idx].to(wide), values[positive_idx].to(wide)
         logits = anchors @ positives.T
         targets = torch.arange(anchors.shape[0], device=values.device)
-        losses = F.cross_entropy(logits, targets, reduction="none") if anchors.shape[0] else (
-            values.sum(dim=1)[:0] * 0
-        )
+        if anchors.shape[0]:
+            losses = F.cross_entropy(logits, targets, reduction="none")
+        else:
+            losses = anchors.sum(dim=1)
         if l2_reg:
             losses = losses + 0.5 * l2_reg * (anchors.pow(2).sum(1) + positives.pow(2).sum(1))
+        losses = losses.to(values.dtype)
         if reduction != "none" and losses.numel() == 0:
             return values.sum() * 0
         return _reduce(losses, reduction)

@@ -15,7 +15,8 @@ from marginloss.miners import (
     _at_least_float32,
     _autocast_disabled,
     _batch_hard_selection,
-    _pairwise_distance,
+    _scaled_pairwise_distance,
+    _unscale,
 )
 
 __all__ = ["QuadrupletLoss", "quadruplet_loss"]
@@ -169,22 +170,30 @@ def _quadruplet_loss(
     reduction: str,
 ) -> Tensor:
     with _autocast_disabled(embeddings.device):
-        dist = _pairwise_distance(_at_least_float32(embeddings), distance)
+        # gaps formed on D / s and scaled back: exact or +-inf at any norm, never NaN
+        dist, scale = _scaled_pairwise_distance(_at_least_float32(embeddings), distance)
+
+        def hinge(near: Tensor, far: Tensor, margin: float) -> Tensor:
+            return F.relu(_unscale(near - far, scale, distance) + margin)
+
         if quadruplets is not None:
             anchor, positive, negative, other = quadruplets
             d_ap = dist[anchor, positive]
-            losses = F.relu(d_ap - dist[anchor, negative] + margin1) + F.relu(
-                d_ap - dist[other, negative] + margin2
+            losses = hinge(d_ap, dist[anchor, negative], margin1) + hinge(
+                d_ap, dist[other, negative], margin2
             )
             return _reduce(losses, reduction)
+        if dist.shape[0] == 0:
+            empty = dist.sum(dim=1)
+            return empty if reduction == "none" else empty.sum()
         positive_idx, negative_idx, valid1 = _batch_hard_selection(dist, labels)
-        d_ap = dist.gather(1, positive_idx[:, None]).squeeze(1) if dist.shape[0] else dist[:, 0]
-        d_an = dist.gather(1, negative_idx[:, None]).squeeze(1) if dist.shape[0] else dist[:, 0]
+        d_ap = dist.gather(1, positive_idx[:, None]).squeeze(1)
+        d_an = dist.gather(1, negative_idx[:, None]).squeeze(1)
         d_other, valid2 = _hardest_outside_pair(dist, labels)
         has_positive = (labels[:, None] == labels[None, :]).sum(dim=1) > 1
         valid2 = valid2 & has_positive
-        term1 = torch.where(valid1, F.relu(d_ap - d_an + margin1), 0.0)
-        term2 = torch.where(valid2, F.relu(d_ap - d_other + margin2), 0.0)
+        term1 = torch.where(valid1, hinge(d_ap, d_an, margin1), 0.0)
+        term2 = torch.where(valid2, hinge(d_ap, d_other, margin2), 0.0)
         if reduction == "none":
             return term1 + term2
         if reduction == "sum":

@@ -138,7 +138,7 @@ def _range_loss(
         member = class_of[None, :] == torch.arange(num_classes, device=values.device)[:, None]
         candidates = torch.where(member[:, :, None], row_values[None], -torch.inf)
         ranges = candidates.reshape(num_classes, -1).topk(min(width, batch * width), dim=1).values
-        present = torch.isfinite(ranges)  # [P, k]
+        present = ranges > -torch.inf  # [P, k]; +inf (an overflowed range) is present
         positive = present & (ranges > 0)
         has_zero = (present & (ranges == 0)).any(dim=1)
         inverse = torch.where(positive, 1.0 / torch.where(positive, ranges, 1.0), 0.0)

@@ -23,8 +23,9 @@ from marginloss.miners import (
     _autocast_disabled,
     _batch_all_mask,
     _batch_hard_selection,
-    _pairwise_distance,
+    _scaled_pairwise_distance,
     _semi_hard_selection,
+    _unscale,
 )
 
 __all__ = ["TripletLoss", "triplet_loss"]
@@ -222,10 +223,13 @@ def _triplet_loss(
     reduction: str,
 ) -> Tensor:
     with _autocast_disabled(embeddings.device):
-        dist = _pairwise_distance(_at_least_float32(embeddings), distance)
+        # dist is D / s (s a power of two near max |x|): the gap D_ap - D_an is formed on
+        # these and scaled back, so it is exact or +-inf at any norm, never inf - inf.
+        dist, scale = _scaled_pairwise_distance(_at_least_float32(embeddings), distance)
 
         def score(ap: Tensor, an: Tensor) -> Tensor:
-            return F.softplus(ap - an) if soft else F.relu(ap - an + margin)
+            gap = _unscale(ap - an, scale, distance)
+            return F.softplus(gap) if soft else F.relu(gap + margin)
 
         if indices is not None:
             anchor, positive, negative = indices
@@ -238,7 +242,8 @@ def _triplet_loss(
                 dist.gather(1, negative_idx[:, None]).squeeze(1),
             )
         elif mining == "semi_hard":
-            negative_idx, valid = _semi_hard_selection(dist, labels, margin)
+            window = _unscale(torch.ones_like(scale), scale, distance)
+            negative_idx, valid = _semi_hard_selection(dist, labels, margin / window)
             losses = score(dist, dist.gather(1, negative_idx))
         else:
             valid = _batch_all_mask(labels)
