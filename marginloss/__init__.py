@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from marginloss import distributed, functional, fused, metrics, miners, samplers
+from marginloss import distributed, functional, fused, metrics, miners
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
 from marginloss.losses import (
@@ -61,7 +61,6 @@ __all__ = [
     "npair_loss",
     "quadruplet_loss",
     "range_loss",
-    "samplers",
     "set_validation",
     "soft_triple_loss",
     "triplet_loss",
