@@ -53,7 +53,11 @@ def pairwise_distance(embeddings: Tensor, distance: str = "euclidean") -> Tensor
     The Euclidean forms use the Gram expansion
     :math:`\lVert x_i\rVert^2 + \lVert x_j\rVert^2 - 2 x_i^\top x_j` on mean-centred embeddings
     (distances are translation invariant, and centring shrinks the cancellation error),
-    clamped at 0.  ``"euclidean"`` takes a safe square root whose gradient at zero distance
+    clamped at 0, on the embeddings divided by a power of two near their largest entry and
+    scaled back (exact in any precision), so float32 norms from 1e-30 to 1e30 give the right
+    distances instead of overflowing or underflowing squares; a squared distance beyond
+    float32's range is ``inf``.  Cosine distances normalise each row after the same
+    scaling.  ``"euclidean"`` takes a safe square root whose gradient at zero distance
     is 0 instead of infinite.  The diagonal is exactly 0 for every distance.  The cosine
     distance is clamped to ``[0, 2]``; a zero embedding has cosine distance 1 to every other
     embedding (``F.normalize`` maps it to the zero vector).  Half-precision inputs and inputs

@@ -349,8 +349,8 @@ def quadruplet_loss(embeddings: Tensor, labels: Tensor, *, margin1: float, margi
     zero = _zero(embeddings)
     if quadruplets is not None:
         losses = [torch.clamp(dist[i, j] - dist[i, k] + margin1, min=0)
-                  + torch.clamp(dist[i, j] - dist[l, k] + margin2, min=0)
-                  for i, j, k, l in quadruplets]
+                  + torch.clamp(dist[i, j] - dist[o, k] + margin2, min=0)
+                  for i, j, k, o in quadruplets]
         return _finish(losses, reduction, zero)
     label_list = labels.tolist()
     plain = dist.detach().tolist()
@@ -364,12 +364,12 @@ def quadruplet_loss(embeddings: Tensor, labels: Tensor, *, margin1: float, margi
                 k = min(neg, key=lambda n: (plain[i][n], n))
                 term1 = torch.clamp(dist[i, j] - dist[i, k] + margin1, min=0)
                 first.append(term1)
-            outside = [(l, m) for l in range(len(label_list)) for m in range(len(label_list))
-                       if label_list[l] != label_list[m] and label_list[i] not in
-                       (label_list[l], label_list[m])]
+            outside = [(o, m) for o in range(len(label_list)) for m in range(len(label_list))
+                       if label_list[o] != label_list[m] and label_list[i] not in
+                       (label_list[o], label_list[m])]
             if outside:
-                l, m = min(outside, key=lambda pair: plain[pair[0]][pair[1]])
-                term2 = torch.clamp(dist[i, j] - dist[l, m] + margin2, min=0)
+                o, m = min(outside, key=lambda pair: plain[pair[0]][pair[1]])
+                term2 = torch.clamp(dist[i, j] - dist[o, m] + margin2, min=0)
                 second.append(term2)
         per_anchor.append(term1 + term2)
     if reduction == "none":

@@ -274,7 +274,9 @@ class CenterLoss(nn.Module):
         """Loss of ``embeddings`` against their class centers (see :func:`center_loss`).
 
         With ``alpha`` set and in training mode, the centers take one update step after the
-        loss is computed; the returned loss uses the centers from before the step.
+        loss is computed; the returned loss uses the centers from before the step.  With
+        value checks on (:func:`marginloss.set_validation`), NaN/inf centers (a diverged
+        step, a broken checkpoint) raise a ``ValueError`` naming how many rows are bad.
         """
         embeddings, labels = _check_center_inputs(embeddings, labels, self.centers)
         loss = _center_loss(embeddings, labels, self.centers, self.reduction)

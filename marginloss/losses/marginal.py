@@ -51,8 +51,8 @@ def marginal_loss(
     paper's average over all :math:`B(B-1)` ordered pairs (equal to the average over the
     :math:`B(B-1)/2` unordered ones, which is how it is computed); with ``indices_tuple``
     (4-tuple of pairs or 3-tuple of triplets, see :func:`contrastive_loss`) the mean runs
-    over the given pairs.  ``"none"`` returns the pair losses, positives first then
-    negatives; ``B < 2`` gives 0 attached to the graph.  A zero embedding stays the zero
+    over the given pairs.  ``"sum"`` sums the unordered pair losses (half the paper's sum
+    over ordered pairs); ``"none"`` returns them, positives first then negatives; ``B < 2`` gives 0 attached to the graph.  A zero embedding stays the zero
     vector after normalisation.  Normalisation is scaled, so norms from 1e-30 to 1e30 give
     the same loss in ``float32``.
 
