@@ -629,3 +629,36 @@ def test_extreme_norms_in_float32_are_exact_or_overflow_never_nan(name, fn, scal
         assert got.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-30)
     else:
         assert got.item() == float("inf")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: losses.LiftedStructureLoss(margin=-1.0), r"margin must be in \[0, inf\], got -1.0"),
+        (lambda: losses.QuadrupletLoss(margin1=-0.5), r"margin1 must be in \[0, inf\], got -0.5"),
+        (lambda: losses.QuadrupletLoss(distance="l2"), r"distance must be one of .*got 'l2'"),
+        (lambda: losses.MarginalLoss(reduction="mean_all"), r"reduction must be one of .*got 'mean_all'"),
+        (lambda: losses.RangeLoss(margin=-1.0, alpha=1.0, beta=1.0), r"margin must be in \[0, inf\], got -1.0"),
+        (lambda: losses.RangeLoss(margin=1.0, alpha=-1.0, beta=1.0), r"alpha must be in \[0, inf\], got -1.0"),
+        (lambda: losses.RangeLoss(margin=1.0, alpha=1.0, beta=-2.0), r"beta must be in \[0, inf\], got -2.0"),
+        (lambda: losses.SoftTripleLoss(4, 3, la=0.0), r"la must be in \(0, inf\], got 0.0"),
+        (lambda: losses.SoftTripleLoss(4, 3, tau=-0.1), r"tau must be in \[0, inf\], got -0.1"),
+        (lambda: losses.SoftTripleLoss(4, 3, margin=-0.1), r"margin must be in \[0, inf\], got -0.1"),
+        (lambda: losses.SoftTripleLoss(0, 3), r"embedding_dim must be a positive int, got 0"),
+        (lambda: losses.SoftTripleLoss(4, -3), r"num_classes must be a positive int, got -3"),
+    ],
+)
+def test_more_hyperparameter_errors(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_soft_triple_input_errors():
+    criterion = losses.SoftTripleLoss(4, 3, centers_per_class=2)
+    with pytest.raises(ValueError, match=r"embeddings must have shape \[batch, 4\] \(embedding_dim=4\), got shape \(2, 5\)"):
+        criterion(torch.randn(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match=r"weight must be a torch.Tensor, got list"):
+        losses.soft_triple_loss(torch.randn(2, 4), torch.tensor([0, 1]), [[0.0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor, got dtype torch.int64"):
+        losses.soft_triple_loss(torch.randn(2, 4), torch.tensor([0, 1]), torch.zeros(4, 4, dtype=torch.long),
+                                centers_per_class=2)
