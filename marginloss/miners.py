@@ -60,7 +60,7 @@ def pairwise_distance(embeddings: Tensor, distance: str = "euclidean") -> Tensor
     scaling.  ``"euclidean"`` takes a safe square root whose gradient at zero distance
     is 0 instead of infinite.  The diagonal is exactly 0 for every distance.  The cosine
     distance is clamped to ``[0, 2]``; a zero embedding has cosine distance 1 to every other
-    embedding (``F.normalize`` maps it to the zero vector).  Half-precision inputs and inputs
+    embedding (it stays the zero vector, with a zero gradient).  Half-precision inputs and inputs
     under autocast are computed in ``float32``.
 
     Parameters
@@ -172,7 +172,12 @@ def _unit_rows(embeddings: Tensor) -> Tensor:
     unit scale by a power of two, so the norm neither overflows (|x| ~ 1e20) nor underflows
     (|x| ~ 1e-25) in float32; the result and its gradient are those of ``x / ||x||``."""
     scaled = embeddings / _power_of_two_scale(embeddings, dim=1)
-    return F.normalize(scaled, dim=1)
+    squared = scaled.pow(2).sum(dim=1, keepdim=True)  # in [0.25, D] or exactly 0
+    nonzero = squared > 0
+    # A zero row stays zero with a zero gradient (F.normalize's eps gave it 1e12 times the
+    # upstream gradient); the inner where keeps sqrt away from 0, whose derivative is inf.
+    norm = torch.where(nonzero, squared, torch.ones_like(squared)).sqrt()
+    return torch.where(nonzero, scaled / norm, 0.0)
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:

@@ -662,3 +662,14 @@ def test_soft_triple_input_errors():
     with pytest.raises(TypeError, match=r"weight must be a floating-point tensor, got dtype torch.int64"):
         losses.soft_triple_loss(torch.randn(2, 4), torch.tensor([0, 1]), torch.zeros(4, 4, dtype=torch.long),
                                 centers_per_class=2)
+
+
+@pytest.mark.parametrize("name, fn", SCALE_INVARIANT, ids=[c[0] for c in SCALE_INVARIANT])
+def test_a_zero_embedding_gets_a_zero_gradient_in_the_normalised_losses(name, fn):
+    # F.normalize's eps gave a zero row 1e12 times the upstream gradient (issue 12, item 5)
+    embeddings, _ = make_batch(15, 8, 4, 1)
+    embeddings[2] = 0.0
+    embeddings.requires_grad_(True)
+    fn(embeddings, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])).backward()
+    assert torch.equal(embeddings.grad[2], torch.zeros(4, dtype=torch.float64))
+    assert embeddings.grad.abs().max() < 100
