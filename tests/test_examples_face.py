@@ -387,3 +387,15 @@ def test_pair_loss_needs_room_for_pairs(toy_data: Path, tmp_path: Path, capsys: 
             "--samples-per-class", "1", *FAST]
     assert train.main(argv) == 2
     assert "--loss needs --samples-per-class >= 2" in capsys.readouterr().err
+
+
+def test_a_pair_loss_run_resumes_exactly(toy_data: Path, tmp_path: Path) -> None:
+    common = ["--data", str(toy_data), "--no-plot", "--epochs", "2", "--loss", "triplet", "--samples-per-class", "2",
+              "--max-steps-per-epoch", "2", *FAST]
+    assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, split[name]), name
