@@ -52,8 +52,9 @@ def quadruplet_loss(
 
     - without ``indices_tuple``, the paper's batch-hard mining: for anchor :math:`i`, the
       farthest positive :math:`j`, the closest negative :math:`k`, and for the second term
-      the closest negative pair :math:`(l, k')` of two classes both different from
-      :math:`y_i` (it replaces :math:`(l, k)`, the hardest such pair of the batch).  The first
+      the closest pair :math:`(l, k')` of two different classes, both different from
+      :math:`y_i` (the hardest negative pair of the batch that does not involve the
+      anchor's class; it need not contain :math:`k`).  The first
       term is averaged over the anchors with a positive and a negative, the second over the
       anchors with a positive and such a pair (a batch needs three classes for it), and the
       two means are added.  ``"sum"`` adds the two sums; ``"none"`` returns ``[B]``, each
