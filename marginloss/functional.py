@@ -14,6 +14,11 @@ Three layers, each usable on its own (each head's three live in its file under
 * **Losses** from embeddings and class weights, with the same arguments as the modules:
   :func:`arcface`, :func:`cosface`, :func:`combined_margin`, :func:`sphereface`,
   :func:`lsoftmax`, :func:`normface`.  They run the engine in :mod:`marginloss.fused`.
+* **Metric-learning losses** on embeddings (the functional twins of
+  :mod:`marginloss.losses`): :func:`center_loss`, :func:`triplet_loss`,
+  :func:`contrastive_loss`, :func:`quadruplet_loss`, :func:`npair_loss`,
+  :func:`lifted_structure_loss`, :func:`multi_similarity_loss`, :func:`soft_triple_loss`,
+  :func:`range_loss`, :func:`marginal_loss`.
 
 Margins are in radians.  Gradients are the exact derivatives of the formulas.
 """
@@ -43,6 +48,18 @@ from marginloss.heads.sphereface import (
     sphereface_logits,
     sphereface_target,
 )
+from marginloss.losses import (
+    center_loss,
+    contrastive_loss,
+    lifted_structure_loss,
+    marginal_loss,
+    multi_similarity_loss,
+    npair_loss,
+    quadruplet_loss,
+    range_loss,
+    soft_triple_loss,
+    triplet_loss,
+)
 
 __all__ = [
     "angular_psi",
@@ -50,20 +67,30 @@ __all__ = [
     "arcface",
     "arcface_logits",
     "arcface_target",
+    "center_loss",
     "combined_margin",
     "combined_margin_logits",
     "combined_margin_target",
+    "contrastive_loss",
     "cosface",
     "cosface_logits",
     "cosface_target",
+    "lifted_structure_loss",
     "lsoftmax",
     "lsoftmax_logits",
     "lsoftmax_target",
     "margin_cross_entropy",
+    "marginal_loss",
+    "multi_similarity_loss",
     "normface",
+    "npair_loss",
+    "quadruplet_loss",
+    "range_loss",
+    "soft_triple_loss",
     "sphereface",
     "sphereface_logits",
     "sphereface_target",
+    "triplet_loss",
 ]
 
 
