@@ -316,7 +316,7 @@ def test_ignore_index_beyond_int64_names_the_argument() -> None:
 
 
 def test_sphereface_margin_is_bounded() -> None:
-    with pytest.raises(ValueError, match="margin must be a positive int .* of at most 8, got 100000"):
+    with pytest.raises(ValueError, match=r"margin must be a positive int .* of at most 8, got 100000"):
         marginloss.SphereFace(4, 3, margin=10**5)
     with pytest.raises(ValueError, match="of at most 8"):
         marginloss.functional.lsoftmax(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), margin=10**9)
