@@ -13,7 +13,11 @@ Measures, for ``B`` embeddings of dimension ``D`` and ``C`` classes:
 ``pml``
     pytorch-metric-learning ``ArcFaceLoss`` (its weight is ``[D, C]``);
 ``marginloss_plain`` / ``marginloss_fused``
-    :mod:`marginloss.functional` with ``chunk_size=None`` / ``"auto"`` (or ``--chunk-sizes``).
+    :mod:`marginloss.functional` with ``chunk_size=None`` / ``"auto"`` (or ``--chunk-sizes``);
+``baseline_fused``
+    ``marginloss_fused`` imported from another source tree (``--baseline-tree``, e.g. a
+    ``git worktree`` of the previous release), so a redesign is measured before and after
+    in one run.
 
 Scenarios: ``arcface-random`` (random embeddings, Xavier weights: the time/memory vs C
 sweep), ``arcface-trained`` (embeddings at cos 0.7 to their class weight) and
@@ -72,7 +76,7 @@ SPHERE_LAMBDA = 5.0  # SphereFace's lambda_min: the value the annealing ends at
 TRAINED_COS = 0.7  # cos θ between a trained-like embedding and its class weight
 SPHERE_FEATURE_NORM = 200.0  # ‖x‖ of trained-like SphereFace features (late training)
 
-METHODS = ("gemm", "gemm_subnormal", "plain", "pml", "marginloss_plain", "marginloss_fused")
+METHODS = ("gemm", "gemm_subnormal", "plain", "pml", "marginloss_plain", "marginloss_fused", "baseline_fused")
 LABELS = {
     "gemm": "bare GEMMs (floor)",
     "gemm_subnormal": "bare GEMMs, subnormals kept in G",
@@ -80,12 +84,13 @@ LABELS = {
     "pml": "pytorch-metric-learning ArcFaceLoss",
     "marginloss_plain": "marginloss plain (chunk_size=None)",
     "marginloss_fused": "marginloss fused (chunk_size=auto)",
+    "baseline_fused": "baseline tree's marginloss fused (--baseline-tree)",
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     "arcface-random": {
         "head": "arcface",
         "embeddings": "random",
-        "methods": ("gemm", "plain", "pml", "marginloss_plain", "marginloss_fused"),
+        "methods": ("gemm", "plain", "pml", "marginloss_plain", "marginloss_fused", "baseline_fused"),
         "about": "ArcFace (s=64, m=0.5), x ~ N(0, I), W Xavier-uniform (random init)",
     },
     "arcface-trained": {
@@ -191,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only re-render <stem>.md, <stem>.png (and the README table) from a results JSON")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="also run the fused method from this source tree (before/after in one run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -244,9 +251,15 @@ def build_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
             for method in methods:
                 if method not in args.methods or method not in SCENARIOS[scenario]["methods"]:
                     continue
+                if method == "baseline_fused" and args.baseline_tree is None:
+                    continue
                 for chunk in chunk_sizes if method == "marginloss_fused" else (None,):
-                    configs.append({**common, "device": device, "dtype": dtype, "scenario": scenario,
-                                    "num_classes": num_classes, "method": method, "chunk_size": chunk})
+                    config = {**common, "device": device, "dtype": dtype, "scenario": scenario,
+                              "num_classes": num_classes, "method": method, "chunk_size": chunk}
+                    if method == "baseline_fused":
+                        config["chunk_size"] = "auto"
+                        config["baseline_tree"] = str(args.baseline_tree.resolve())
+                    configs.append(config)
 
     for device in args.devices:
         for dtype in dtypes_for(device):
@@ -490,7 +503,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_config(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    paths = [spec.get("baseline_tree"), str(REPO), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     started = time.perf_counter()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO)

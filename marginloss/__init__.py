@@ -37,14 +37,12 @@ from marginloss.losses import (
     soft_triple_loss,
     triplet_loss,
 )
-from marginloss.samplers import ClassBalancedBatchSampler
 
 __version__ = "0.2.0.dev0"
 
 __all__ = [
     "ArcFace",
     "CenterLoss",
-    "ClassBalancedBatchSampler",
     "CombinedMargin",
     "ContrastiveLoss",
     "CosFace",

@@ -98,6 +98,7 @@ def _splitmix64(value: int) -> int:
 
 
 def mix_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit generator seed from ``(seed, rank, step)``: unrelated for nearby triples."""
     mixed = _splitmix64(seed & _MASK64)
     mixed = _splitmix64(mixed ^ (rank & _MASK64))
     return _splitmix64(mixed ^ (step & _MASK64)) >> 1
@@ -117,6 +118,8 @@ def _positive_counts(labels: Tensor, num_classes: int, world_size: int) -> list[
 
 
 def sampled_total(labels: Tensor, num_classes: int, world_size: int, sample_rate: float) -> int:
+    """How many classes PartialFC keeps over all ranks for these global labels (the size of
+    the sampled softmax, which label smoothing spreads over)."""
     positives = _positive_counts(labels, num_classes, world_size)
     total = 0
     for rank, count in enumerate(positives):
@@ -201,16 +204,19 @@ def init_shard_(weight: Tensor, num_classes: int, rank: int) -> None:
 
 
 def world(group: ProcessGroup | None) -> tuple[int, int]:
+    """``(world_size, rank)`` of ``group``; ``(1, 0)`` without one."""
     if group is None:
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
 
 
 def dtype_code(dtype: torch.dtype) -> int:
+    """A small int naming a floating dtype in the exchanged record (see :func:`show_dtype`)."""
     return DTYPES.index(dtype) + 1 if dtype in DTYPES else len(DTYPES) + 1
 
 
 def float_bits(value: float) -> int:
+    """The IEEE-754 bits of a float as an int64, so floats travel exactly in the record."""
     bits: int = struct.unpack("<q", struct.pack("<d", float(value)))[0]
     return bits
 
@@ -267,6 +273,7 @@ def exchange(
 
 
 def require_same(rows: list[list[int]], index: int, name: str, what: str, show: Any = None) -> None:
+    """Raise (on every rank alike) unless every rank's record holds the same value at ``index``."""
     values = [row[index] for row in rows]
     if len(set(values)) > 1:
         shown = [show(v) for v in values] if show is not None else values
@@ -276,10 +283,12 @@ def require_same(rows: list[list[int]], index: int, name: str, what: str, show: 
 
 
 def show_dtype(code: int) -> str:
+    """The dtype name of a :func:`dtype_code`."""
     return str(DTYPES[code - 1]).replace("torch.", "") if 1 <= code <= len(DTYPES) else "other"
 
 
 def show_float(bits: int) -> float:
+    """The float of :func:`float_bits`."""
     value: float = struct.unpack("<d", struct.pack("<q", bits))[0]
     return value
 

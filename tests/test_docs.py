@@ -26,7 +26,7 @@ import marginloss
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # Every module whose public names must each have an entry in the API reference.
-DOCUMENTED_MODULES = ("functional", "metrics", "miners", "fused", "distributed")
+DOCUMENTED_MODULES = ("functional", "metrics", "miners", "fused", "distributed", "sharding")
 EXECUTABLE_DIRECTIVES = ("doctest", "testcode", "testoutput", "testsetup", "testcleanup")
 
 

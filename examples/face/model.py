@@ -97,20 +97,13 @@ def make_head(name: str, embedding_dim: int, num_classes: int, kwargs: dict[str,
         return SoftmaxHead(embedding_dim, num_classes, label_smoothing=label_smoothing)
     import marginloss  # the library is only needed for the margin heads
 
-    classes = {
-        "arcface": marginloss.ArcFace,
-        "cosface": marginloss.CosFace,
-        "sphereface": marginloss.SphereFace,
-        "lsoftmax": marginloss.LSoftmax,
-        "combined": marginloss.CombinedMargin,
-        "normface": marginloss.NormFace,
-    }
-    if name not in classes:
+    registered = {"combined": "combined_margin"}.get(name, name)  # the CLI's short name
+    if name not in HEADS or registered not in marginloss.list_heads():
         raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
     options = dict(kwargs)
     if name in ("sphereface", "lsoftmax"):
         options["margin"] = int(options["margin"])  # an integer multiplicative margin
-    return classes[name](embedding_dim, num_classes, label_smoothing=label_smoothing, **options)
+    return marginloss.create_head(registered, embedding_dim, num_classes, label_smoothing=label_smoothing, **options)
 
 
 # Heads whose logits ignore the embedding norm: a center loss beside them should see unit
