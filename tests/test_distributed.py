@@ -48,6 +48,20 @@ HEADS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 
+class LearnedCosFace(marginloss.MarginHead):
+    """A user-defined head with a learnable margin (the protocol issue's example)."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(embedding_dim, num_classes, scale=8.0, **kwargs)
+        self.margin = nn.Parameter(torch.tensor(0.3, dtype=kwargs.get("dtype")))
+
+    def target(self, cos: torch.Tensor, context: Any) -> torch.Tensor:
+        return cos - self.margin
+
+
+LEARNED_CHUNKS = (1, 2, "auto")
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One sharded forward/backward (or ``steps`` of them) and its single-process twin."""
@@ -242,6 +256,69 @@ def _run_ddp(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     return result
 
 
+def _learned_inputs(world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    gen = torch.Generator().manual_seed(11 + world_size)
+    sizes = (4, 2, 3)[:world_size]
+    weight = torch.randn(13, DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 13, (sum(sizes),), generator=gen)
+    embeddings = torch.randn(sum(sizes), DIM, generator=gen, dtype=torch.float64) + 0.5 * weight[labels]
+    return embeddings, labels, weight, sizes
+
+
+def _run_learned(rank: int, world_size: int) -> dict[str, Any]:
+    """The user-defined head, sharded: loss and the gradients of x, the shard and the margin."""
+    import torch.distributed as dist
+
+    embeddings, labels, weight, sizes = _learned_inputs(world_size)
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    seen: dict[str, Any] = {}
+    for chunk in LEARNED_CHUNKS:
+        head = LearnedCosFace(DIM, 13, chunk_size=chunk, process_group=dist.group.WORLD, dtype=torch.float64)
+        MD.load_full_weight(head, weight)
+        x = embeddings[start:stop].clone().requires_grad_(True)
+        loss = head(x, labels[start:stop])
+        loss.backward()
+        seen[str(chunk)] = (loss.detach(), x.grad, head.weight.grad, head.margin.grad)
+    return seen
+
+
+def _run_agreement(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
+    """Heads whose hyperparameters or state differ between ranks."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    x = torch.randn(3, DIM, dtype=torch.float64)
+    y = torch.tensor([0, 5, 11])
+    sphere = marginloss.SphereFace(DIM, 12, process_group=group, dtype=torch.float64)
+    sphere.iteration.fill_(rank)
+    learned = LearnedCosFace(DIM, 12, process_group=group, dtype=torch.float64)
+    with torch.no_grad():
+        learned.margin.fill_(0.3 + 0.1 * rank)
+    return {
+        "margin": _outcome(
+            lambda: marginloss.ArcFace(DIM, 12, margin=0.5 - 0.1 * rank, process_group=group, dtype=torch.float64)(x, y)
+        ),
+        "easy_margin": _outcome(
+            lambda: marginloss.ArcFace(DIM, 12, easy_margin=rank == 1, process_group=group, dtype=torch.float64)(x, y)
+        ),
+        "iteration": _outcome(lambda: sphere(x, y)),
+        "user parameter": _outcome(lambda: learned(x, y)),
+        "nan weight": _outcome(lambda: _nan_weight_head(rank, group)(x, y)),
+        "agreeing heads still run": _outcome(
+            lambda: marginloss.ArcFace(DIM, 12, process_group=group, dtype=torch.float64)(x, y).backward()
+        ),
+    }
+
+
+def _nan_weight_head(rank: int, group: Any) -> nn.Module:
+    head = marginloss.CosFace(DIM, 12, process_group=group, dtype=torch.float64)
+    if rank == 1:
+        with torch.no_grad():
+            head.weight[2] = math.nan
+    return head
+
+
 def _run_checkpoints(rank: int, world_size: int) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -280,7 +357,9 @@ def _worker(rank: int, world_size: int, init_method: str, out: Path) -> None:
     try:
         results: dict[str, Any] = {case.name: _run_case(case, rank, world_size) for case in cases(world_size)}
         results["checkpoints"] = _run_checkpoints(rank, world_size)
+        results["learned"] = _run_learned(rank, world_size)
         if world_size == 2:
+            results["agreement"] = _run_agreement(rank, world_size)
             results["errors"] = _run_errors(rank, world_size)
             results["ddp"] = _run_ddp(rank, world_size)
         torch.save(results, out / f"rank{rank}.pt")
@@ -465,6 +544,49 @@ def test_bad_input_raises_the_same_error_on_every_rank(name: str, ranks: Any) ->
         assert kind == "ValueError", f"rank {rank} raised {kind}: {message}"
         assert ERRORS[name] in message, f"rank {rank}: {message}"
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_user_defined_head_with_learnable_margin_matches_float64(world_size: int, ranks: Any) -> None:
+    """The protocol's promise: a user head gets sharding, and its margin its exact gradient."""
+    from tests.reference import assert_close, generic_head_loss
+
+    embeddings, labels, weight, _ = _learned_inputs(world_size)
+    x = embeddings.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    margin = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    expected = generic_head_loss(x, w, labels, scale=8.0, target=lambda c, i: c - margin).mean()
+    expected.backward()
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    results = [rank["learned"] for rank in ranks(world_size)]
+    for chunk in LEARNED_CHUNKS:
+        seen = [result[str(chunk)] for result in results]
+        for rank, (loss, _, _, grad_margin) in enumerate(seen):
+            assert_close(loss, expected, **tol, what=f"loss on rank {rank}, chunk {chunk}")
+            assert_close(grad_margin, margin.grad, **tol, what=f"margin.grad on rank {rank}, chunk {chunk}")
+        assert_close(torch.cat([s[1] for s in seen]), x.grad, **tol, what=f"embeddings.grad, chunk {chunk}")
+        assert_close(torch.cat([s[2] for s in seen]), w.grad, **tol, what=f"weight.grad, chunk {chunk}")
+
+
+AGREEMENT = {
+    "margin": "the head's hyperparameters must be the same on every rank (raised on every rank); by rank, margin: [0.5, 0.4]",
+    "easy_margin": "by rank, easy_margin: [False, True]",
+    "iteration": "the head's state (buffers and parameters other than weight) must be the same on every rank",
+    "user parameter": "by rank, margin: [0.3",
+    "nan weight": "rank 1: weight must be finite, got 1 of 6 row(s)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(AGREEMENT))
+def test_ranks_that_disagree_raise_the_same_error(name: str, ranks: Any) -> None:
+    """0.1 checked scale and num_classes across ranks but not the margin or the state: rows
+    got the margin of whichever rank owned their class."""
+    outcomes = [rank["agreement"][name] for rank in ranks(2)]
+    for rank, (kind, message) in enumerate(outcomes):
+        assert kind == "ValueError", f"rank {rank} raised {kind}: {message}"
+        assert AGREEMENT[name] in message, f"rank {rank}: {message}"
+    assert outcomes[0] == outcomes[1]
+    assert [rank["agreement"]["agreeing heads still run"] for rank in ranks(2)] == [("no error", "")] * 2
 
 
 def test_group_stays_in_step_after_errors(ranks: Any) -> None:
