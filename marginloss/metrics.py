@@ -1,21 +1,37 @@
-"""Verification and open-set identification metrics for face recognition.
+"""Verification, identification and retrieval metrics, exact and at gallery scale.
 
-Two families of metrics, in pure PyTorch, on whatever device the inputs live on:
+Four families, in pure PyTorch, on whatever device the inputs live on:
 
-* **Pair verification** — a 1-D tensor of pair ``scores`` (higher = more similar) and a
-  1-D ``is_same`` tensor of 0/1 (or bool) labels: :func:`roc_curve`, :func:`roc_auc`,
-  :func:`equal_error_rate`, :func:`tar_at_far`, :func:`best_threshold_accuracy` and the
-  LFW protocol :func:`kfold_accuracy`.  Every metric is computed *exactly* over the
-  distinct score values (no threshold grid), with ties handled like scikit-learn.
-* **Similarity and open-set identification** — ``[N, D]`` embeddings:
-  :func:`pairwise_similarity`, the batched :func:`topk_similarity`,
-  :func:`open_set_identify`, :func:`open_set_accuracy` and
-  :func:`tune_open_set_threshold`.
+* **Pair verification** (1:1) — a 1-D tensor of pair ``scores`` (higher = more similar)
+  and a 1-D ``is_same`` tensor of 0/1 (or bool) labels: :func:`roc_curve`, :func:`roc_auc`,
+  :func:`equal_error_rate`, :func:`tar_at_far`, the ISO/IEC 19795-1 :func:`det_curve` and
+  :func:`fnmr_at_fmr`, :func:`best_threshold_accuracy` and the LFW protocol
+  :func:`kfold_accuracy`.  Every metric is computed *exactly* over the distinct score values
+  (no threshold grid); tied scores are accepted or rejected together, as in scikit-learn.
+* **Closed-set identification** (1:N) — probes against a gallery of identities (one
+  averaged template or the best image per identity): :func:`cmc_curve` (rank-1, rank-5).
+* **Open-set identification** (1:N with strangers, IJB-C) — :func:`tpir_fpir_curve`,
+  :func:`tpir_at_fpir`, and with a tuned threshold :func:`open_set_identify`,
+  :func:`open_set_accuracy`, :func:`tune_open_set_threshold`.
+* **Retrieval** (metric learning) — :func:`precision_at_k`, :func:`recall_at_k`,
+  :func:`map_at_k`, :func:`r_precision`, :func:`map_at_r` and all of them at once,
+  :func:`retrieval_metrics`.
+
+Similarities come from :func:`pairwise_similarity` (cosine or negative Euclidean, norms
+computed safely over the whole float range).  Every search — :func:`topk_similarity` and
+the identification and retrieval metrics — runs in blocks with a **running top-k**: at
+most about ``batch_size x gallery_batch_size`` scores exist at once, never the full
+``[probes, gallery]`` matrix, and the result does not depend on the block sizes.  Ranking
+ties are broken by index (retrieval) or by label (identification), so every number is
+defined exactly.  Rates and sums of many per-query terms are taken in float64 (float32 on
+MPS).
 
 Scalar metrics are returned as Python ``float``.  Checks on tensor *values* (finite
-scores and embeddings, 0/1 ``is_same``, ``gallery_labels`` free of ``unknown_label``)
-follow :func:`marginloss.set_validation`; shape, dtype and argument checks always run.
-Inputs are never modified.
+scores and embeddings, 0/1 ``is_same``, ``gallery_labels`` free of ``unknown_label``,
+probes of :func:`cmc_curve` enrolled in the gallery) follow
+:func:`marginloss.set_validation`; shape, dtype and argument checks always run, and so do
+the checks the metric needs anyway (classes present, relevant references).  Inputs are
+never modified.
 """
 
 from __future__ import annotations
