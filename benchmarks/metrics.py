@@ -263,7 +263,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- device: {machine['device']}" + (f" ({machine['gpu']})" if "gpu" in machine else "")
         + f"; CPU: {machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
         f"load average {machine['load_average']}; torch {machine['torch']}",
-        f"- sizes (probes x gallery x dim): "
+        "- sizes (probes x gallery x dim): "
         + ", ".join(f"{p} x {g} x {report['settings']['dim']}" for p, g in report["settings"]["cases"])
         + f"; k = {report['settings']['k']}; float32, cosine; blocks of {report['settings']['batch_size']} probes "
         f"x {report['settings']['gallery_batch_size']} gallery rows",

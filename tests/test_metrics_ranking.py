@@ -250,6 +250,30 @@ def test_cmc_curve_matches_reference(seed: int, metric: str, template: str, ties
     assert torch.equal(blocked, cmc)
 
 
+def test_max_template_when_one_identity_floods_the_top_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-identity maxima fallback: the top 4k images hold fewer than k identities."""
+    generator = torch.Generator().manual_seed(5)
+    probes = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    flood = probes[0] + 0.01 * torch.randn(20, 4, generator=generator, dtype=torch.float64)
+    gallery = torch.cat([flood, torch.randn(12, 4, generator=generator, dtype=torch.float64)])
+    gallery_labels = torch.cat([torch.full((20,), 50), torch.arange(12) % 6])
+    probe_labels = torch.tensor([50, 0, 1, 2, 3, 50])
+    calls = []
+    original = metrics._item_maxima
+
+    def recording(scores: torch.Tensor, items: metrics._Items, block: tuple[int, int, int, int]) -> torch.Tensor:
+        calls.append(scores.shape[0])
+        return original(scores, items, block)
+
+    monkeypatch.setattr(metrics, "_item_maxima", recording)
+    data = {"probes": probes, "probe_labels": probe_labels, "gallery": gallery, "gallery_labels": gallery_labels}
+    for metric in ("cosine", "euclidean"):
+        expected = ref_cmc(data, 5, metric, "max")
+        cmc = cmc_curve(probes, probe_labels, gallery, gallery_labels, max_rank=5, metric=metric, template="max")
+        assert cmc.tolist() == pytest.approx(expected, abs=1e-15), metric
+    assert calls and all(rows >= 1 for rows in calls)
+
+
 def test_cmc_curve_rank1_is_closed_set_identification_accuracy() -> None:
     data = mated_only(identification_data(3))
     args = (data["probes"], data["probe_labels"], data["gallery"], data["gallery_labels"])
@@ -465,7 +489,7 @@ def test_self_search_excludes_self_by_index_only() -> None:
     embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 1, 0, 1, 1])
     assert precision_at_k(embeddings, labels, k=1) == pytest.approx(3 / 5)
-    values, indices = topk_similarity(embeddings, embeddings, k=1)
+    _, indices = topk_similarity(embeddings, embeddings, k=1)
     assert indices[:2, 0].tolist() == [0, 0]  # without exclusion, ties go to the smaller index
 
 
