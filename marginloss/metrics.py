@@ -1156,8 +1156,8 @@ def topk_similarity(
     batch_size : int, default 4096
         Queries per block.
     key_batch_size : int, default 16384
-        Keys per block: memory is about ``batch_size * key_batch_size`` scores (256 MiB in
-        float32 with the defaults).
+        Keys per block: the block holds ``batch_size * key_batch_size`` scores (256 MiB in
+        float32 with the defaults; ``torch.topk``'s work copy about doubles it).
 
     Returns
     -------
