@@ -586,8 +586,8 @@ def det_curve(scores: Tensor, is_same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     .. math::
 
-        \mathrm{FMR}(t) = rac{|\{i : s_i \ge t,\ y_i = 0\}|}{N_-}, \qquad
-        \mathrm{FNMR}(t) = rac{|\{i : s_i < t,\ y_i = 1\}|}{N_+}
+        \mathrm{FMR}(t) = \frac{|\{i : s_i \ge t,\ y_i = 0\}|}{N_-}, \qquad
+        \mathrm{FNMR}(t) = \frac{|\{i : s_i < t,\ y_i = 1\}|}{N_+}
 
     i.e. FMR = FPR and FNMR = 1 − TPR of :func:`roc_curve`, at the same points (``+inf``
     then every distinct score, decreasing; ties form one point).  Every failure to acquire
@@ -651,11 +651,11 @@ def fnmr_at_fmr(
 
     .. math::
 
-        \mathrm{FNMR@FMR}(lpha) = \min\{\mathrm{FNMR}(t) : \mathrm{FMR}(t) \le lpha\}
-            = 1 - \mathrm{TAR@FAR}(lpha)
+        \mathrm{FNMR@FMR}(\alpha) = \min\{\mathrm{FNMR}(t) : \mathrm{FMR}(t) \le \alpha\}
+            = 1 - \mathrm{TAR@FAR}(\alpha)
 
     at exactly the threshold :func:`tar_at_far` chooses (the smallest distinct score whose
-    FMR does not exceed :math:`lpha`; tied scores accepted together, no interpolation),
+    FMR does not exceed :math:`\alpha`; tied scores accepted together, no interpolation),
     computed from the integer count of rejected genuine pairs.  NIST FRVT 1:1 reports FNMR at
     FMR = :math:`10^{-6}` and above; below :math:`1/N_-` the FMR = 0 point is read.
 
@@ -669,7 +669,7 @@ def fnmr_at_fmr(
     is_same : Tensor
         Bool or 0/1 integer tensor, 1 where the pair shows the same identity.
     fmrs : iterable of float or float, default (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-        The false match rates :math:`lpha \in [0, 1]`.
+        The false match rates :math:`\alpha \in [0, 1]`.
 
     Returns
     -------
