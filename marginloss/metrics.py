@@ -1060,10 +1060,6 @@ def _search(
             yield start, best_values, best_indices
 
 
-def _check_block_size(name: str, value: object) -> int:
-    return check_positive_int(name, value)
-
-
 def pairwise_similarity(queries: Tensor, keys: Tensor, metric: str = "cosine") -> Tensor:
     r"""Similarity of every query to every key; higher is always more similar.
 
