@@ -705,6 +705,7 @@ def test_ranking_metrics_cuda_match_cpu() -> None:
 # ---------------------------------------------------------------- benchmark script
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_writes_results(tmp_path: Path) -> None:
     command = [sys.executable, str(REPO / "benchmarks" / "metrics.py"), "--smoke", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
