@@ -9,6 +9,13 @@
    "no correspondence" (``n000000``). The threshold is the one that maximises accuracy on
    ``verification_dev.csv``; it is then applied to ``unknown_test`` ->
    ``<out>/verification_submission.csv``.
+4. The numbers papers report, on the same dev probes and ``known`` gallery
+   (:mod:`marginloss.metrics`; see the verification guide for which answers which question):
+   rank-1 identification of the known probes (:func:`~marginloss.metrics.cmc_curve`), TPIR at
+   FPIR 0.1 and 0.01 with the unknown probes as non-mated searches
+   (:func:`~marginloss.metrics.tpir_at_fpir`, the IJB-C 1:N numbers) and TAR at FAR 1e-2 and
+   1e-3 over every probe-gallery image pair (:func:`~marginloss.metrics.tar_at_far`).  A number
+   the dev data cannot support (no unknown probes, say) is reported as ``n/a``.
 
 Submissions keep the row order and column names of the sample submission files.
 
@@ -102,8 +109,45 @@ def _write_submission(path: Path, rows: Sequence[tuple[str, str]]) -> None:
         writer.writerows(rows)
 
 
+FPIRS = (1e-1, 1e-2)
+FARS = (1e-2, 1e-3)
+
+
+def field_metrics(probes: torch.Tensor, probe_labels: torch.Tensor, gallery: torch.Tensor,
+                  gallery_labels: torch.Tensor) -> dict[str, Any]:
+    """Rank-1, TPIR@FPIR and TAR@FAR of labelled probes (``UNKNOWN`` = not in the gallery).
+
+    Each is ``None`` where the data cannot define it (e.g. no unknown probes for TPIR@FPIR).
+    """
+    from marginloss.metrics import cmc_curve, pairwise_similarity, tar_at_far, tpir_at_fpir
+
+    known = torch.isin(probe_labels, gallery_labels)
+    num_identities = int(torch.unique(gallery_labels).numel())
+    rank1 = None
+    if bool(known.any()) and num_identities >= 2:
+        rank1 = float(cmc_curve(probes[known], probe_labels[known], gallery, gallery_labels, max_rank=1)[0])
+    tpir = None
+    if bool(known.any()) and not bool(known.all()):
+        tpir = tpir_at_fpir(probes, probe_labels, gallery, gallery_labels, fpirs=FPIRS)
+    # Every probe against every gallery image: genuine pairs share the label.
+    scores = pairwise_similarity(probes, gallery).flatten()
+    is_same = (probe_labels.unsqueeze(1) == gallery_labels.unsqueeze(0)).flatten()
+    tar = None
+    if bool(is_same.any()) and not bool(is_same.all()):
+        tar = tar_at_far(scores, is_same, fars=FARS)
+    return {"identification_rank1": rank1, "tpir_at_fpir": tpir, "tar_at_far": tar,
+            "num_impostor_pairs": int((~is_same).sum())}
+
+
+def _rates(rates: dict[float, float] | None, name: str) -> str:
+    if rates is None:
+        return f"{name} n/a"
+    return ", ".join(f"{name}={alpha:g}: {rate:.3f}" for alpha, rate in rates.items())
+
+
 def verify(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate and write submissions; returns accuracies, threshold, chance levels and paths."""
+    """Evaluate and write submissions; returns accuracies, threshold, chance levels, the
+    field's metrics (rank-1, TPIR@FPIR, TAR@FAR) and paths."""
     from marginloss.metrics import open_set_identify, tune_open_set_threshold
 
     device = resolve_device(args.device)
@@ -171,6 +215,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     threshold, verification_acc = tune_open_set_threshold(
         probes[probe_order], probe_labels, gallery, gallery_labels, unknown_label=UNKNOWN
     )
+    field = field_metrics(probes[probe_order], probe_labels, gallery, gallery_labels)
     test_probes = run(unknown_test, "unknown_test")
     predicted, _ = open_set_identify(test_probes, gallery, gallery_labels, threshold, unknown_label=UNKNOWN)
     label_by_name = {
@@ -188,6 +233,7 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
         "verification_chance": majority_count / len(dev_rows),
         "verification_majority_label": majority_label,
         "threshold": float(threshold),
+        **field,
         "classification_submission": classification_path,
         "verification_submission": verification_path,
     }
@@ -196,6 +242,10 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     print(f"verification dev accuracy {result['verification_dev_acc']:.3f} at cosine threshold {threshold:.3f} "
           f"(chance: always '{majority_label}' scores {result['verification_chance']:.3f}; "
           f"{len(known_set.classes)} known identities, {len(dev_rows)} probes)")
+    rank1 = field["identification_rank1"]
+    print(f"identification dev rank-1 {'n/a' if rank1 is None else f'{rank1:.3f}'} (known probes); "
+          f"{_rates(field['tpir_at_fpir'], 'TPIR@FPIR')} (unknown probes as non-mated); "
+          f"{_rates(field['tar_at_far'], 'TAR@FAR')} ({field['num_impostor_pairs']} impostor pairs)")
     print(f"wrote {classification_path} ({len(class_rows)} rows) and {verification_path} ({len(test_rows)} rows)")
     return result
 
