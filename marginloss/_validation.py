@@ -89,6 +89,14 @@ def check_int64(name: str, value: object) -> int:
     return value
 
 
+def labels_checked(labels: torch.Tensor) -> bool:
+    """Whether :func:`check_inputs_values` checks the range of these labels: always on the
+    CPU (no synchronisation needed), elsewhere when value checks are on."""
+    if torch.compiler.is_compiling():
+        return False
+    return labels.device.type == "cpu" or values_checked(labels)
+
+
 def check_inputs_values(
     embeddings: torch.Tensor,
     weight_norms: torch.Tensor | None,
@@ -104,7 +112,7 @@ def check_inputs_values(
     elsewhere all of them follow :func:`set_validation`.
     """
     checked = values_checked(embeddings, weight_norms, labels)
-    if not checked and not (labels.device.type == "cpu" and not torch.compiler.is_compiling()):
+    if not checked and not labels_checked(labels):
         return
     bad_labels = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     counts = [bad_labels.sum()]

@@ -341,8 +341,8 @@ class _Config:
 def _safe_reciprocal(norm: Tensor) -> Tensor:
     """``1/norm``, and 0 where the norm is 0 (a zero vector then has cosine 0 with everything
     and gets a zero gradient instead of a 1/eps one); differentiable without NaN."""
-    positive = norm > 0
-    return torch.where(positive, 1.0 / torch.where(positive, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    # 1/inf = 0, and the gradient of the inf branch never reaches the norm.
+    return torch.where(norm > 0, norm, math.inf).reciprocal()
 
 
 def _row_norms(rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -1016,7 +1016,10 @@ def _plain_rest(
     # Index-based exclusion of the target column: no [B, C] mask is built or kept.
     column = torch.where(owned, labels, torch.zeros_like(labels))[:, None]
     at_target = z.gather(1, column).squeeze(1)
-    rest_sum = z.sum(dim=1) - torch.where(owned, at_target, 0.0)
+    if cfg.label_smoothing > 0.0:
+        rest_sum = z.sum(dim=1) - torch.where(owned, at_target, 0.0)
+    else:
+        rest_sum = torch.zeros_like(at_target)
     if cfg.form == "softmax":
         excluded = torch.where(owned, -math.inf, at_target)
         stat = z.scatter(1, column, excluded[:, None]).logsumexp(dim=1)
@@ -1195,7 +1198,7 @@ def _double_backward(
         stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, scale, bias_t, cfg, ctx.gemm)
         cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
     outputs = (stat, rest_sum, cos, x_norm, w_norm)
-    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
     needs = ctx.needs_input_grad
     candidates = [(i, t) for i, t in ((0, embeddings), (1, weight), (4, scale_t), (5, bias_t)) if needs[i]]
     result: list[Tensor | None] = [None] * 9
@@ -1569,14 +1572,18 @@ def margin_loss(
     in_range = (labels_global >= 0) & (labels_global < total_classes)
     ignored = labels_global == ignore_index
     valid = in_range & ~ignored
-    # With value checks off, a label outside [0, C) that is not ignore_index makes its row NaN:
-    # never another class's loss.
-    bad = ~in_range & ~ignored
-    safe = torch.where(valid, labels_global, torch.zeros_like(labels_global))
-    start, _ = sharding.shard_range(total_classes, world_size, rank)
-    local = safe - start
-    owned = valid & (local >= 0) & (local < weight.shape[0] // num_subcenters)
-    local = torch.where(owned, local, torch.full_like(local, -1))
+    # With value checks off (and labels off the CPU), a label outside [0, C) that is not
+    # ignore_index makes its row NaN: never another class's loss.
+    bad = None if V.labels_checked(labels_global) else ~in_range & ~ignored
+    safe = torch.where(valid, labels_global, 0)
+    if group is None:
+        owned = valid
+        local = torch.where(valid, labels_global, -1)
+    else:
+        start, _ = sharding.shard_range(total_classes, world_size, rank)
+        local = safe - start
+        owned = valid & (local >= 0) & (local < weight.shape[0] // num_subcenters)
+        local = torch.where(owned, local, -1)
 
     used, used_norms, classes = weight, weight_norms, total_classes
     if sample_rate < 1.0:
@@ -1679,8 +1686,10 @@ def margin_loss(
         row = softmax_row_loss(target_logit, stat, rest_sum, classes, float(label_smoothing))
     else:
         row = sigmoid_row_loss(target_logit, stat)
-    row = torch.where(bad, math.nan, row).to(_compute_dtype(embeddings, weight))
-    return reduce_rows(row, valid | bad, reduction)
+    row = row.to(_compute_dtype(embeddings, weight))
+    if bad is None:
+        return reduce_rows(row, valid, reduction)
+    return reduce_rows(torch.where(bad, math.nan, row), valid | bad, reduction)
 
 
 def margin_softmax_loss(
