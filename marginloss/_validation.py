@@ -21,7 +21,14 @@ _VALIDATE = True
 
 
 def set_validation(enabled: bool) -> None:
-    """Switch the value checks (label range, finite embeddings) on or off process-wide.
+    """Switch the value checks (label range, finite embeddings and weights) on or off process-wide.
+
+    What the switch removes: on an accelerator, the one device synchronisation per call that
+    checks embeddings and weight rows for NaN/inf and labels for their range; the range check
+    of ``*_logits`` cosines.  What it keeps: every shape, dtype and hyperparameter check, and
+    the label-range check of labels on the CPU (it needs no synchronisation).  With the checks
+    off, a label outside ``[0, num_classes)`` that is not ``ignore_index`` gives its row a NaN
+    loss (never the loss of another class), and non-finite inputs propagate as NaN.
 
     Parameters
     ----------
