@@ -51,6 +51,7 @@ precision).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1615,7 +1616,7 @@ def margin_loss(
         if prepare is not None:
             with torch.no_grad():
                 prepare(context)
-        frozen = MarginContext(**context.__dict__)
+        frozen = dataclasses.replace(context)
 
     def rest_transform(cos: Tensor) -> Tensor:
         assert non_target is not None and frozen is not None

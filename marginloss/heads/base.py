@@ -251,7 +251,7 @@ class MarginHead(nn.Module):
         for key, value in vars(self).items():
             if key.startswith("_") or key in _SHARED or key in _RANK_LOCAL:
                 continue
-            if isinstance(value, (bool, int, float, str)) and key not in ("shard_start", "shard_size"):
+            if isinstance(value, (bool, int, float, str)):
                 found[key] = value
         return found
 
@@ -391,11 +391,11 @@ class MarginHead(nn.Module):
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         wide = torch.float64 if cosine.device.type != "mps" else torch.float32
         x_norm = torch.linalg.vector_norm(embeddings, dim=1, dtype=wide)
-        w_rows = self.weight[safe * self.num_subcenters] if self.num_subcenters == 1 else None
-        w_norm = (
-            torch.linalg.vector_norm(w_rows, dim=1, dtype=wide) if w_rows is not None
-            else torch.ones_like(x_norm)
-        )
+        rows = self.weight.unflatten(0, (-1, self.num_subcenters))[safe]  # [B, K, D]
+        row_norms = torch.linalg.vector_norm(rows, dim=2, dtype=wide)
+        # The target's winning sub-centre: the row with the largest cosine.
+        winner = (rows.to(wide) @ embeddings.to(wide)[:, :, None]).squeeze(2).mul(1.0 / row_norms).argmax(dim=1)
+        w_norm = row_norms.gather(1, winner[:, None]).squeeze(1)
         context = MarginContext(
             labels=safe, valid=valid, embedding_norms=x_norm, weight_norms=w_norm, training=self.training,
             update_state=False, num_classes=self.num_classes, scale=self.scale,
