@@ -129,7 +129,7 @@ def _prefer_full_runs(paths: list[Path]) -> list[Path]:
     return [path for path in paths if not superseded(path)]
 
 
-def benchmark_include(results: Path = RESULTS, prefix: str = "/_generated/benchmarks/") -> str:
+def benchmark_include(results: Path = RESULTS, prefix: str = "/_generated/benchmarks/", source_dir: Path = DOCS) -> str:
     """The reST of the benchmark page's "Results" section, from the files in ``results``.
 
     Every ``*.md`` is included as Markdown (myst-parser: a file it cannot parse fails a
@@ -143,7 +143,7 @@ def benchmark_include(results: Path = RESULTS, prefix: str = "/_generated/benchm
     images = _prefer_full_runs(sorted(results.glob("*.png")))
     parts = []
     for report in reports:
-        relative = os.path.relpath(report, DOCS).replace(os.sep, "/")
+        relative = os.path.relpath(report, source_dir).replace(os.sep, "/")  # "/" = the source folder
         parts.append(f".. include:: /{relative}\n   :parser: myst_parser.sphinx_\n")
     for image in images:
         parts.append(
