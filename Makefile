@@ -86,6 +86,7 @@ demo-results: $(VENV)/.examples
 	rm -f examples/face/results/demo.json
 	for run in 1 2; do rm -rf runs/demo-results; \
 	  $(PY) examples/face/demo.py --out runs/demo-results --record examples/face/results/demo.json || exit 1; done
+	cp runs/demo-results/run/curves.png examples/face/results/
 	$(PY) docs/scripts/figures.py
 
 mnist-results: $(VENV)/.examples
@@ -93,6 +94,8 @@ mnist-results: $(VENV)/.examples
 	for run in 1 2; do \
 	  $(PY) examples/mnist_arcface/train.py --data synthetic --epochs 3 --threads 1 --out runs/mnist_results \
 	    --record examples/mnist_arcface/results/results.json || exit 1; done
+	cp runs/mnist_results/embeddings_2d.png runs/mnist_results/embeddings_3d.png \
+	   runs/mnist_results/training_curves.png examples/mnist_arcface/results/
 	$(PY) docs/scripts/figures.py
 
 bench: $(VENV)/.dev
