@@ -301,3 +301,14 @@ def test_readme_quickstart_without_the_normalisation_layer_stays_at_chance() -> 
     assert result.returncode == 0, result.stderr[-4000:]
     printed = re.search(r"train accuracy ([\d.]+)", result.stdout)
     assert printed is not None and float(printed.group(1)) < 0.3, result.stdout
+
+
+def test_word_at_word_is_not_an_email_link(docs_ext: ModuleType) -> None:
+    from docutils import nodes
+    from docutils.core import publish_doctree
+
+    doctree = publish_doctree("TAR@FAR at 1e-3; write to someone@example.org.")
+    docs_ext._unlink_non_addresses(None, doctree)
+    links = [node["refuri"] for node in doctree.findall(nodes.reference)]
+    assert links == ["mailto:someone@example.org"], links
+    assert "TAR@FAR" in doctree.astext()

@@ -63,7 +63,8 @@ def test_wall_times_are_ranges_with_the_load(figures: ModuleType) -> None:
     runs.append({**runs[0], "wall_s": 157.0, "load_1min": [3.0, 2.0]})
     text = figures.demo_markdown({"runs": runs})
     assert "93 to 157 s" in text and "load average 1.5 to 3.0" in text and "CPU X, 2 logical cores" in text
-    assert "accuracy 0.925 (chance 0.125)" in text  # equal values are not shown as a range
+    assert "dev accuracy 0.925 (chance, always" in text  # equal values are not shown as a range
+    assert "the same in every run" in text
     with pytest.raises(ValueError, match="no full run"):
         figures.demo_facts({"runs": [{**runs[0], "settings": {"smoke": True, "seed": 0}}]})
 

@@ -229,6 +229,20 @@ def shape_sections(lines: list[str]) -> list[str]:
     return out
 
 
+def _unlink_non_addresses(app: Any, doctree: Any) -> None:
+    """Turn docutils' e-mail links whose domain has no dot back into text.
+
+    docutils links any ``word@word``, so "TAR@FAR" (true-accept rate at a false-accept
+    rate) became ``mailto:TAR@FAR``; a real address has a dotted domain.
+    """
+    from docutils import nodes
+
+    for reference in list(doctree.findall(nodes.reference)):
+        uri = reference.get("refuri", "")
+        if uri.startswith("mailto:") and "." not in uri.rpartition("@")[2]:
+            reference.replace_self(nodes.Text(reference.astext()))
+
+
 def _process_docstring(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
     lines[:] = shape_sections(lines)
 
@@ -238,6 +252,7 @@ def setup(app: Any) -> dict[str, Any]:
     app.connect("builder-inited", _generate, priority=100)
     # Before napoleon (priority 500) converts the numpy sections.
     app.connect("autodoc-process-docstring", _process_docstring, priority=400)
+    app.connect("doctree-read", _unlink_non_addresses)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
 
 
