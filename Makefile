@@ -41,11 +41,11 @@ $(VENV)/.dev: $(VENV)/.created pyproject.toml
 	touch $@
 
 $(VENV_OLDEST)/.dev: pyproject.toml
-	@echo ">>> creating $(VENV_OLDEST) with $(TORCH_OLDEST) and the test extras (no torchvision)"
+	@echo ">>> creating $(VENV_OLDEST) with $(TORCH_OLDEST), the test extras and matplotlib (no torchvision)"
 	$(PYTHON) -m venv $(VENV_OLDEST)
 	$(PY_OLDEST) -m pip install -q --upgrade pip
 	$(PY_OLDEST) -m pip install -q $(TORCH_OLDEST)
-	$(PY_OLDEST) -m pip install -q -e '.[dev]' '$(TORCH_OLDEST)'
+	$(PY_OLDEST) -m pip install -q -e '.[dev]' matplotlib '$(TORCH_OLDEST)'
 	touch $@
 
 demo: $(VENV)/.examples
@@ -62,8 +62,8 @@ pytest: $(VENV)/.dev
 
 test: lint typecheck pytest
 
-# The library's tests on the oldest supported torch; tests that need torchvision, matplotlib
-# or Sphinx skip themselves there.
+# The library's tests on the oldest supported torch; tests that need torchvision or Sphinx
+# (the face example, the docs builds) skip themselves there.
 test-oldest: $(VENV_OLDEST)/.dev
 	$(PY_OLDEST) -c "import torch; print('>>> testing with torch', torch.__version__)"
 	$(PY_OLDEST) -m pytest -n 2 --dist loadgroup marginloss tests

@@ -23,6 +23,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
+pytest.importorskip("torchvision", reason="the face example needs torchvision (the examples extras)")
+
 from face import demo, make_toy_faces, train, verify  # noqa: E402
 from face.data import DataLayoutError, channel_stats  # noqa: E402
 
