@@ -168,6 +168,34 @@ def test_insightface_arcface_gradient_matches_the_restatement() -> None:
     _close(head.weight.grad, w_b.grad, "weight.grad", 1e-7)
 
 
+def insightface_arccos_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float,
+                            m2: float) -> torch.Tensor:
+    """The other arcface_torch form: the margin added to the angle in place, without autograd."""
+    logits = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    rows = torch.arange(len(labels))
+    with torch.no_grad():
+        logits.arccos_()
+        logits[rows, labels] += m2
+        logits.cos_()
+    return F.cross_entropy(logits * s, labels)
+
+
+def test_insightface_in_place_arccos_version_is_straight_through() -> None:
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(11, 8, dtype=torch.float64, generator=generator)
+    head = convert.from_insightface([{"weight": weight}], scale=32.0, margins=(1.0, 0.5, 0.0), straight_through=True)
+    embeddings, labels = _batch(12, 11, 8)
+    x_a, x_b = embeddings.clone().requires_grad_(), embeddings.clone().requires_grad_()
+    w_b = weight.clone().requires_grad_()
+    loss_a = head(x_a, labels)
+    loss_b = insightface_arccos_loss(x_b, w_b, labels, 32.0, 0.5)
+    _close(loss_a.detach(), loss_b.detach(), "loss")
+    loss_a.backward()
+    loss_b.backward()
+    _close(x_a.grad, x_b.grad, "embeddings.grad", 1e-7)
+    _close(head.weight.grad, w_b.grad, "weight.grad", 1e-7)
+
+
 def test_a_missing_rank_is_found(tmp_path: Path) -> None:
     paths = _write_partial_fc(tmp_path, torch.randn(23, 4), world_size=4)
     with pytest.raises(ValueError, match=r"checkpoint ranks \[0, 1, 3\] are not 0..2"):

@@ -122,13 +122,16 @@ def insightface_weight(checkpoints: Sequence[Checkpoint]) -> Tensor:
 
 
 def from_insightface(checkpoints: Sequence[Checkpoint], *, scale: float, margins: tuple[float, float, float],
-                     dtype: torch.dtype | None = None) -> torch.nn.Module:
+                     straight_through: bool = False, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The marginloss head equal to InsightFace's ``CombinedMarginLoss(scale, *margins)`` on
     the class weights of its ``PartialFC_V2`` checkpoints.
 
     InsightFace's margin loss has two branches: ``m1 == 1, m3 == 0`` is ArcFace with margin
     ``m2`` (with the same fallback past :math:`\\pi - m_2`), and ``m3 > 0`` is CosFace with
     margin ``m3``, where ``m2`` plays no part; anything else is refused here rather than guessed.
+    ``straight_through=True`` gives ArcFace the gradient of InsightFace versions that apply
+    the margin with an in-place ``arccos``/``cos`` under ``torch.no_grad`` (gradient 1 with
+    respect to the cosine); the default is the exact gradient of the closed form.
     """
     m1, m2, m3 = (float(m) for m in margins)
     weight = insightface_weight(checkpoints)
@@ -136,7 +139,8 @@ def from_insightface(checkpoints: Sequence[Checkpoint], *, scale: float, margins
         weight = weight.to(dtype)
     num_classes, embedding_dim = weight.shape
     if m1 == 1.0 and m3 == 0.0:
-        head = marginloss.ArcFace(embedding_dim, num_classes, scale=scale, margin=m2, dtype=weight.dtype)
+        head = marginloss.ArcFace(embedding_dim, num_classes, scale=scale, margin=m2,
+                                  straight_through=straight_through, dtype=weight.dtype)
     elif m3 > 0.0 and m1 == 1.0 and m2 == 0.0:
         head = marginloss.CosFace(embedding_dim, num_classes, scale=scale, margin=m3, dtype=weight.dtype)
     else:
