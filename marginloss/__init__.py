@@ -1,31 +1,87 @@
 """marginloss: exact, fused, memory-frugal margin softmax heads and metric-learning losses."""
 
-from __future__ import annotations
-
-from marginloss import distributed, functional, fused, metrics, miners
+from marginloss import distributed, functional, fused, metrics, miners, samplers, sharding
 from marginloss._validation import set_validation, validation, validation_enabled
-from marginloss.heads import ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
-from marginloss.losses import CenterLoss, TripletLoss, center_loss, triplet_loss
+from marginloss.heads import (
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    LSoftmax,
+    MarginContext,
+    MarginHead,
+    NormFace,
+    SphereFace,
+    create_head,
+    list_heads,
+    register_head,
+)
+from marginloss.losses import (
+    CenterLoss,
+    ContrastiveLoss,
+    LiftedStructureLoss,
+    MarginalLoss,
+    MultiSimilarityLoss,
+    NPairLoss,
+    QuadrupletLoss,
+    RangeLoss,
+    SoftTripleLoss,
+    TripletLoss,
+    center_loss,
+    contrastive_loss,
+    lifted_structure_loss,
+    marginal_loss,
+    multi_similarity_loss,
+    npair_loss,
+    quadruplet_loss,
+    range_loss,
+    soft_triple_loss,
+    triplet_loss,
+)
+from marginloss.samplers import ClassBalancedBatchSampler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ArcFace",
     "CenterLoss",
+    "ClassBalancedBatchSampler",
     "CombinedMargin",
+    "ContrastiveLoss",
     "CosFace",
     "LSoftmax",
+    "LiftedStructureLoss",
+    "MarginContext",
+    "MarginHead",
+    "MarginalLoss",
+    "MultiSimilarityLoss",
+    "NPairLoss",
     "NormFace",
+    "QuadrupletLoss",
+    "RangeLoss",
+    "SoftTripleLoss",
     "SphereFace",
     "TripletLoss",
     "__version__",
     "center_loss",
+    "contrastive_loss",
+    "create_head",
     "distributed",
     "functional",
     "fused",
+    "lifted_structure_loss",
+    "list_heads",
+    "marginal_loss",
     "metrics",
     "miners",
+    "multi_similarity_loss",
+    "npair_loss",
+    "quadruplet_loss",
+    "range_loss",
+    "register_head",
+    "samplers",
     "set_validation",
+    "sharding",
+    "soft_triple_loss",
     "triplet_loss",
     "validation",
     "validation_enabled",

@@ -71,6 +71,66 @@ def _check_values() -> bool:
     return _VALIDATE and not torch.compiler.is_compiling()
 
 
+def values_checked(*tensors: torch.Tensor | None) -> bool:
+    """Whether value checks run for these tensors: validation on, not tracing, and no tensor
+    on the ``meta`` device (which has shapes but no values, as model-size tools use)."""
+    return _check_values() and not any(t is not None and t.device.type == "meta" for t in tensors)
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int64(name: str, value: object) -> int:
+    """Check an integer argument fits an int64 (it is compared with int64 tensors)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{name} must fit in int64, i.e. lie in [-2**63, 2**63 - 1], got {value!r}")
+    return value
+
+
+def check_inputs_values(
+    embeddings: torch.Tensor,
+    weight_norms: torch.Tensor | None,
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int,
+) -> None:
+    """The value checks of a head's forward in one device synchronisation.
+
+    Non-finite embeddings, weight rows with a non-finite norm (NaN/inf entries, or entries so
+    large that the norm overflows) and labels outside ``[0, num_classes)`` that are not
+    ``ignore_index``.  On the CPU the label check always runs (it costs no synchronisation);
+    elsewhere all of them follow :func:`set_validation`.
+    """
+    checked = values_checked(embeddings, weight_norms, labels)
+    if not checked and not (labels.device.type == "cpu" and not torch.compiler.is_compiling()):
+        return
+    bad_labels = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    counts = [bad_labels.sum()]
+    if checked:
+        counts.append((~torch.isfinite(embeddings)).sum())
+        if weight_norms is not None:
+            counts.append((~torch.isfinite(weight_norms)).sum())
+    values = torch.stack(counts).tolist()
+    if values[0]:
+        bad = labels[bad_labels]
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) (num_classes={num_classes}) or equal "
+            f"ignore_index={ignore_index}, got {bad.numel()} value(s) outside, e.g. {bad[:5].tolist()}"
+        )
+    if checked and values[1]:
+        raise ValueError(
+            f"embeddings must be finite, got {values[1]} NaN/inf value(s) in a tensor of shape "
+            f"{tuple(embeddings.shape)}"
+        )
+    if checked and weight_norms is not None and values[2]:
+        raise ValueError(
+            f"weight must be finite, got {values[2]} of {weight_norms.numel()} row(s) with a NaN/inf "
+            f"entry or a norm that overflows {weight_norms.dtype} (an optimizer step that blew up?)"
+        )
+
+
 # ---------------------------------------------------------------- hyperparameters
 
 
@@ -124,7 +184,9 @@ def check_chunk_size(chunk_size: object) -> int | str | None:
 # ---------------------------------------------------------------- tensors
 
 
-def check_embeddings(embeddings: object, embedding_dim: int | None = None, name: str = "embeddings") -> torch.Tensor:
+def check_embeddings(
+    embeddings: object, embedding_dim: int | None = None, name: str = "embeddings", *, check_values: bool = True
+) -> torch.Tensor:
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dim() != 2:
@@ -138,7 +200,7 @@ def check_embeddings(embeddings: object, embedding_dim: int | None = None, name:
             f"{name} must have shape [batch, {embedding_dim}] (embedding_dim={embedding_dim}), "
             f"got shape {tuple(embeddings.shape)}"
         )
-    if _check_values() and embeddings.numel() > 0 and not bool(torch.isfinite(embeddings).all()):
+    if check_values and values_checked(embeddings) and embeddings.numel() > 0 and not bool(torch.isfinite(embeddings).all()):
         bad = int((~torch.isfinite(embeddings)).sum())
         raise ValueError(
             f"{name} must be finite, got {bad} NaN/inf value(s) in a tensor of shape "
@@ -163,7 +225,9 @@ def check_labels(
             f"{name} must have shape [{batch_size}] to match embeddings' batch size, "
             f"got shape {tuple(labels.shape)}"
         )
-    if num_classes is not None and _check_values() and labels.numel() > 0:
+    if ignore_index is not None:
+        check_int64("ignore_index", ignore_index)
+    if num_classes is not None and values_checked(labels) and labels.numel() > 0:
         valid = (labels >= 0) & (labels < num_classes)
         if ignore_index is not None:
             valid |= labels == ignore_index

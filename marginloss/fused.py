@@ -1,60 +1,97 @@
-"""The margin softmax engine every classification head uses.
+r"""The one margin engine every classification head runs on.
 
-Every head in :mod:`marginloss.heads` computes the same thing: non-target logits that are a
-scaled dot product of (optionally normalised) embeddings and (optionally normalised)
-class weights, and one target logit per row that goes through the head's margin
-transform.  :func:`margin_softmax_loss` computes that loss either
+A head is defined by its margin (see :class:`marginloss.MarginHead`); everything else is
+here.  For embeddings :math:`x_i`, class weight rows :math:`w_j` (``K`` sub-centre rows per
+class when ``num_subcenters > 1``) and labels :math:`y_i`, the engine computes
 
-* with plain autograd (``chunk_size=None``), materialising the ``[B, C]`` logits, or
-* with a chunked :class:`torch.autograd.Function` that walks the classes in chunks and never
-  holds more than one ``[B, chunk]`` block: it keeps an O(B) running log-sum-exp, normalises
-  weight rows on the fly (no normalised copy of the weight), and in backward recomputes each
-  chunk and writes ``weight.grad`` rows directly through the normalisation's Jacobian.
-  The logit blocks of the first chunks, up to a fixed byte budget
-  (:func:`set_backward_cache_bytes`, 64 MiB by default), are kept from forward so backward
-  skips their GEMM; the memory stays flat in ``C`` and the gradients are the same bits.
+* the **target cosine** :math:`\cos\theta_{iy_i}` from the gathered rows ``weight[labels]``
+  (O(B·D), in float64 so that :math:`\sin\theta` near :math:`\theta = 0` is not float32
+  rounding), the embedding norms :math:`\lVert x_i\rVert` and the target weight norms;
+* the **non-target row statistic** over every other class,
+  :math:`r_i = \log\sum_{j\ne y_i} e^{z_{ij}}` (softmax form) or
+  :math:`r_i = \sum_{j\ne y_i}\operatorname{softplus}(z_{ij})` (sigmoid form), with
+  :math:`z_{ij} = \rho_{ij}\, g(\cos\theta_{ij}) + b`, where :math:`\rho` is the scale (times
+  the norms for heads that do not normalise), :math:`g` an optional elementwise transform
+  of the non-target cosines and :math:`b` an optional scalar bias;
 
-Both paths compute the margin on the target column only, from the gathered target rows
-``weight[labels]`` (O(B·D)), so no ``acos``/``cos`` touches the full matrix.  The loss is
-assembled from three O(B) quantities per row (see :func:`_row_loss`), which is also what
-the class-sharded heads in :mod:`marginloss.distributed` all-reduce.
+in one :class:`torch.autograd.Function` with a closed-form backward.  The head's margin
+:math:`f` is applied to the ``[B]`` target cosines *outside* that Function, in ordinary
+autograd, so whatever the margin computes with (a learnable margin, the feature norm, an
+EMA buffer) gets its exact gradient on every path.  The row loss is then assembled from
+O(B) tensors: :math:`\operatorname{softplus}(r_i - t_i)` plus the label-smoothing terms for
+the softmax form, :math:`\operatorname{softplus}(-t_i) + r_i` for the sigmoid form.
+
+Paths (``chunk_size``):
+
+* ``None``: plain autograd over the full ``[B, C]`` logits (twice differentiable).
+* an int: the chunked engine walks the classes in chunks of that many and never holds more
+  than one ``[B, chunk]`` block beyond the bounded cache of kept blocks
+  (:func:`set_backward_cache_bytes`); weight rows are normalised on the fly and
+  ``weight.grad`` is written chunk by chunk.
+* ``"auto"``: the plain path when the ``[B, C]`` logits are small (at most
+  :func:`plain_path_elements` entries, where one fused GEMM beats the per-chunk work),
+  else the chunked engine with :func:`default_chunk_size`.  Both give the same values and
+  gradients (to rounding) and both are twice differentiable: a ``create_graph=True``
+  backward through the chunked engine recomputes the logits with plain autograd (holding
+  ``[B, C]`` for that backward only).
+
+Class-sharded runs use the same Function: each rank computes the statistics of its shard,
+the row statistics are combined by O(B) all-reduces, and the target cosine comes from the
+rank that holds the target row (see :mod:`marginloss.sharding`).
 
 Numerics: normalisation, margin, log-sum-exp and loss run in at least float32; only the
-GEMMs follow ``torch.autocast``.  Softmax probabilities whose gradient contribution would
-be a subnormal float are set to exactly zero before the backward GEMMs, because subnormal
-operands slow CPU GEMMs down by more than an order of magnitude and carry no information
-at that precision.
+GEMMs follow ``torch.autocast``.  Embedding norms are taken in float64, so normalised heads
+are scale invariant over the whole float32 range; a zero embedding has cosine 0 with every
+class and gets a zero gradient.  Softmax probabilities whose gradient contribution would be
+a subnormal float are set to exactly zero before the backward GEMMs (subnormal operands
+slow CPU GEMMs down by more than an order of magnitude and carry no information at that
+precision).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
-from typing import Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor
 
 from marginloss import _validation as V
+from marginloss import sharding
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = [
+    "MarginContext",
     "TargetFn",
     "backward_cache_bytes",
     "default_chunk_size",
+    "margin_loss",
     "margin_softmax_loss",
+    "plain_path_elements",
+    "reduce_rows",
+    "replaying_forward",
     "rest_backward",
     "rest_logsumexp",
     "scaled_embeddings_backward",
     "set_backward_cache_bytes",
+    "sigmoid_row_loss",
+    "softmax_row_loss",
 ]
 
 TargetFn = Callable[[Tensor], Tensor]
-"""A head's target transform: ``cos_target [B] -> f(cos_target) [B]`` (differentiable)."""
+"""A margin transform of the target cosines: ``cos_target [B] -> f(cos_target) [B]``."""
 
 ChunkSize = Union[int, str, None]
+Scale = Union[float, Tensor]
 
 _NORM_EPS = 1e-12
 _REDUCTIONS = ("mean", "sum", "none")
+_FORMS = ("softmax", "sigmoid")
 # CPU: one [B, chunk] float32 block of this many elements (4 MiB) stays cache-friendly while
 # keeping each GEMM large enough to run near peak (measured: benchmarks/results/cpu.md).
 _AUTO_BLOCK_ELEMENTS = 1 << 20
@@ -62,8 +99,25 @@ _AUTO_BLOCK_ELEMENTS = 1 << 20
 # to hide the launches (a design estimate, not yet measured on a GPU in this project).
 _AUTO_BLOCK_ELEMENTS_ACCELERATOR = 1 << 24
 _MIN_AUTO_CHUNK = 256
+# "auto" takes the plain path up to this many [B, C] logits (1 MiB of float32 on CPU): there
+# the per-chunk bookkeeping costs more than the one [B, C] block it saves.
+_PLAIN_ELEMENTS = 1 << 18
 _DEFAULT_CACHE_BYTES = 64 << 20
 _cache_bytes = _DEFAULT_CACHE_BYTES
+
+
+def plain_path_elements() -> int:
+    """Up to how many ``[B, C]`` logits ``chunk_size="auto"`` runs the plain path (2**18).
+
+    Below this size one ``[B, C]`` block costs at most 1 MiB of float32 and a single fused
+    GEMM is faster than the chunked engine's per-chunk work; above it ``"auto"`` chunks.
+
+    Examples
+    --------
+    >>> plain_path_elements()
+    262144
+    """
+    return _PLAIN_ELEMENTS
 
 
 def default_chunk_size(batch_size: int, num_classes: int, device: torch.device | str | None = None) -> int:
@@ -132,22 +186,11 @@ def backward_cache_bytes() -> int:
     return _cache_bytes
 
 
-def _kept_blocks(cfg: _Config, batch: int, num_rows: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    """The ``[K, B, chunk_size]`` buffer for the logit blocks forward keeps for backward:
-    as many leading full-width chunks as fit the budget, or None (nothing to keep)."""
-    if not cfg.keep_blocks:
-        return None
-    block = batch * cfg.chunk_size * torch.finfo(dtype).bits // 8
-    kept = 0 if block == 0 else min(num_rows // cfg.chunk_size, _cache_bytes // block)
-    return torch.empty((kept, batch, cfg.chunk_size), dtype=dtype, device=device) if kept else None
-
-
-def _wants_gradient(*tensors: Tensor) -> bool:
-    """Whether autograd will differentiate through these inputs (so blocks are worth keeping)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-# ---------------------------------------------------------------- shared O(B) math
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled for ``device`` (nothing to disable on ``meta``)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -164,41 +207,214 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
 
 
 def _gemm_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    if device.type == "meta":
+        return compute_dtype
     if torch.is_autocast_enabled(device.type) and compute_dtype == torch.float32:
         return torch.get_autocast_dtype(device.type)
     return compute_dtype
 
+# ---------------------------------------------------------------- what a head sees
 
-def _target_cos_radius(
-    embeddings: Tensor,
-    weight_rows: Tensor,
-    scale: float,
-    normalize_embeddings: bool,
-    normalize_weight: bool,
-) -> tuple[Tensor, Tensor]:
-    """cos θ between each embedding and its target weight row, and the logit radius.
 
-    The target logit of every head is ``radius * f(cos)`` with
-    ``radius = scale * (1 or ‖x‖) * (1 or ‖w_y‖)``.
+@dataclass
+class MarginContext:
+    """What the engine hands a head's hooks, one value per row of the (global) batch.
+
+    Attributes
+    ----------
+    labels : Tensor
+        ``[B]`` int64 class indices; rows that are ignored (``ignore_index``) hold 0.
+    valid : Tensor
+        ``[B]`` bool, ``False`` for ignored rows (their loss is dropped).
+    embedding_norms : Tensor
+        ``[B]`` :math:`\\lVert x_i\\rVert` in float64, differentiable (its gradient reaches the
+        embeddings, e.g. for MagFace's magnitude-dependent margin).
+    weight_norms : Tensor
+        ``[B]`` :math:`\\lVert w_{y_i}\\rVert` of each row's target weight (the winning
+        sub-centre with ``num_subcenters > 1``), float64, differentiable.
+    training : bool
+        Whether the head is in training mode.
+    update_state : bool
+        Whether hooks should advance the head's state (EMA buffers, step counters): true in
+        training mode, false in eval mode and while activation checkpointing replays a
+        forward during backward (the replay must see the state the first pass saw).
+    num_classes : int
+        Classes in this step's softmax (the sampled union under PartialFC sampling).
+    scale : float or Tensor
+        The scale :math:`s` of this call.
+    cos_target : Tensor or None
+        ``[B]`` detached target cosines, set before :meth:`~marginloss.MarginHead.prepare`
+        and ``non_target`` run.
+    rest : Tensor or None
+        ``[B]`` detached non-target row statistic (log-sum-exp, or sum of softplus), set
+        before ``row_loss`` runs.
     """
-    x_norm = embeddings.norm(dim=1)
-    w_norm = weight_rows.norm(dim=1)
-    dot = (embeddings * weight_rows).sum(dim=1)
-    cos = (dot / (x_norm.clamp_min(_NORM_EPS) * w_norm.clamp_min(_NORM_EPS))).clamp(-1.0, 1.0)
-    radius = torch.full_like(cos, scale)
-    if not normalize_embeddings:
-        radius = radius * x_norm
-    if not normalize_weight:
-        radius = radius * w_norm
-    return cos, radius
+
+    labels: Tensor
+    valid: Tensor
+    embedding_norms: Tensor
+    weight_norms: Tensor
+    training: bool
+    update_state: bool
+    num_classes: int
+    scale: Scale
+    cos_target: Tensor | None = None
+    rest: Tensor | None = None
 
 
-def _row_loss(
-    lse_rest: Tensor,
-    sum_rest: Tensor | None,
-    target_logit: Tensor,
-    num_classes: int,
-    label_smoothing: float,
+TargetHook = Callable[[Tensor, MarginContext], Tensor]
+NonTargetHook = Callable[[Tensor, MarginContext], Tensor]
+PrepareHook = Callable[[MarginContext], None]
+RowLossHook = Callable[[Tensor, Tensor, Tensor, MarginContext], Tensor]
+
+
+class _Config:
+    """Everything the chunked Function needs besides its tensor inputs (no tensors with grad)."""
+
+    __slots__ = (
+        "bias",
+        "chunk_size",
+        "form",
+        "keep_blocks",
+        "label_smoothing",
+        "non_target",
+        "non_target_grad",
+        "normalize_embeddings",
+        "normalize_weight",
+        "num_classes",
+        "num_subcenters",
+        "prepare",
+        "scale",
+        "scale_grad",
+    )
+
+    def __init__(
+        self,
+        scale: Scale,
+        normalize_embeddings: bool,
+        normalize_weight: bool,
+        label_smoothing: float,
+        num_classes: int,
+        chunk_size: int,
+        *,
+        keep_blocks: bool = False,
+        num_subcenters: int = 1,
+        form: str = "softmax",
+        bias: Tensor | None = None,
+        scale_grad: bool = False,
+        non_target: Callable[[Tensor], Tensor] | None = None,
+        non_target_grad: Callable[[Tensor], Tensor] | None = None,
+        prepare: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        self.scale = scale
+        self.normalize_embeddings = normalize_embeddings
+        self.normalize_weight = normalize_weight
+        self.label_smoothing = label_smoothing
+        self.num_classes = num_classes
+        self.chunk_size = chunk_size
+        # Whether forward may keep logit blocks for backward (some input needs a gradient).
+        self.keep_blocks = keep_blocks
+        self.num_subcenters = num_subcenters
+        self.form = form
+        self.bias = bias
+        self.scale_grad = scale_grad
+        self.non_target = non_target
+        self.non_target_grad = non_target_grad
+        self.prepare = prepare
+
+    @property
+    def simple(self) -> bool:
+        """The plain margin softmax (no sub-centres, transform, bias or learnable scale):
+        the chunk loop's hand-tuned in-place path."""
+        return (
+            self.num_subcenters == 1
+            and self.non_target is None
+            and self.bias is None
+            and not self.scale_grad
+            and self.form == "softmax"
+        )
+
+
+# ---------------------------------------------------------------- O(B) math
+
+
+def _safe_reciprocal(norm: Tensor) -> Tensor:
+    """``1/norm``, and 0 where the norm is 0 (a zero vector then has cosine 0 with everything
+    and gets a zero gradient instead of a 1/eps one); differentiable without NaN."""
+    positive = norm > 0
+    return torch.where(positive, 1.0 / torch.where(positive, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+
+
+def _row_norms(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Row norms accumulated in ``dtype`` (float64 for embeddings: no overflow at 1e20,
+    no underflow at 1e-25)."""
+    norms: Tensor = torch.linalg.vector_norm(rows, dim=-1, dtype=dtype)
+    return norms
+
+
+def _clamp_unit(cos: Tensor) -> Tensor:
+    # Rounding can push a cosine a few ulp past ±1; clamp the value, keep the gradient.
+    return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
+
+
+def _target_cosine(
+    x: Tensor, weight: Tensor, labels: Tensor, owned: Tensor, num_subcenters: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``cos θ_{i y_i}``, ``‖x_i‖``, ``‖w_{y_i}‖`` (float64, from the gathered target rows,
+    O(B·K·D)) and the weight row index of each target (the winning sub-centre).
+
+    ``labels`` are class indices into ``weight`` (``K`` rows per class); rows that do not
+    hold their target here (``owned`` false) get cosine and weight norm 0.  Differentiable.
+    """
+    wide = _wide_dtype(x.device)
+    classes = weight.shape[0] // num_subcenters
+    cls = labels.clamp(0, max(classes - 1, 0))
+    xw = x.to(wide)
+    x_norm = _row_norms(xw, wide)
+    x_inv = _safe_reciprocal(x_norm)
+    if num_subcenters == 1:
+        rows = weight[cls].to(wide)
+        w_norm = _row_norms(rows, wide)
+        cos = (xw * rows).sum(dim=1) * x_inv * _safe_reciprocal(w_norm)
+        index = cls
+    else:
+        rows = weight.unflatten(0, (classes, num_subcenters))[cls].to(wide)
+        w_norms = _row_norms(rows, wide)
+        cos_k = (rows @ xw[:, :, None]).squeeze(2) * (x_inv[:, None] * _safe_reciprocal(w_norms))
+        cos, k = cos_k.max(dim=1)
+        w_norm = w_norms.gather(1, k[:, None]).squeeze(1)
+        index = cls * num_subcenters + k
+    zero = torch.zeros((), dtype=wide, device=x.device)
+    cos = torch.where(owned, _clamp_unit(cos), zero)
+    return cos, x_norm, torch.where(owned, w_norm, zero), index
+
+
+def _target_cosine_backward(
+    x: Tensor,
+    rows: Tensor,
+    cos: Tensor,
+    grad_cos: Tensor,
+    grad_x_norm: Tensor,
+    grad_w_norm: Tensor,
+) -> tuple[Tensor, Tensor]:
+    r"""Gradients of :func:`_target_cosine` for the embeddings and the target rows, float64.
+
+    :math:`\partial\cos/\partial x = (\hat w - \cos\,\hat x)/\lVert x\rVert`,
+    :math:`\partial\cos/\partial w = (\hat x - \cos\,\hat w)/\lVert w\rVert`,
+    :math:`\partial\lVert x\rVert/\partial x = \hat x`.
+    """
+    wide = grad_cos.dtype
+    x, rows = x.to(wide), rows.to(wide)
+    x_inv = _safe_reciprocal(_row_norms(x, wide))
+    w_inv = _safe_reciprocal(_row_norms(rows, wide))
+    x_hat, w_hat = x * x_inv[:, None], rows * w_inv[:, None]
+    grad_x = (grad_cos * x_inv)[:, None] * (w_hat - cos[:, None] * x_hat) + grad_x_norm[:, None] * x_hat
+    grad_w = (grad_cos * w_inv)[:, None] * (x_hat - cos[:, None] * w_hat) + grad_w_norm[:, None] * w_hat
+    return grad_x, grad_w
+
+
+def softmax_row_loss(
+    target_logit: Tensor, rest: Tensor, rest_sum: Tensor, num_classes: int, label_smoothing: float
 ) -> Tensor:
     r"""Per-row cross entropy from O(B) parts.
 
@@ -213,16 +429,23 @@ def _row_loss(
     full precision when :math:`p_{y}\to 1` (its target gradient is
     :math:`-\sigma(r_i - t_i)`, never ``p - 1`` rounded).
     """
-    diff = lse_rest - target_logit
+    diff = rest - target_logit
     loss = torch.logaddexp(diff, torch.zeros_like(diff))
     if label_smoothing > 0.0:
-        assert sum_rest is not None  # internal invariant, not user input
         loss = loss + label_smoothing * target_logit
-        loss = loss - (label_smoothing / num_classes) * (sum_rest + target_logit)
+        loss = loss - (label_smoothing / num_classes) * (rest_sum + target_logit)
     return loss
 
 
-def _reduce(row_loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+def sigmoid_row_loss(target_logit: Tensor, rest: Tensor) -> Tensor:
+    r"""Per-row loss of the sigmoid ("sum of softplus") form:
+    :math:`\ell_i = \operatorname{softplus}(-t_i) + \sum_{j\ne y_i}\operatorname{softplus}(z_{ij})`,
+    one binary classifier per class (UniFace, SphereFace2)."""
+    return torch.nn.functional.softplus(-target_logit) + rest
+
+
+def reduce_rows(row_loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """Rows of ``valid`` reduced by ``reduction``; invalid rows count as 0 (and not in a mean)."""
     row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
     if reduction == "none":
         return row_loss
@@ -234,47 +457,48 @@ def _reduce(row_loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return total / valid.sum().clamp_min(1).to(row_loss.dtype)
 
 
-# ---------------------------------------------------------------- plain path
+def _row_loss(
+    lse_rest: Tensor, sum_rest: Tensor | None, target_logit: Tensor, num_classes: int, label_smoothing: float
+) -> Tensor:
+    """:func:`softmax_row_loss` with an optional ``sum_rest`` (the 0.1 signature)."""
+    rest_sum = sum_rest if sum_rest is not None else torch.zeros_like(lse_rest)
+    return softmax_row_loss(target_logit, lse_rest, rest_sum, num_classes, label_smoothing)
 
 
-def _plain_parts(
-    embeddings: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    scale: float,
-    normalize_embeddings: bool,
-    normalize_weight: bool,
-    need_sum: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """``lse_rest`` and ``sum_rest`` with plain autograd over the full ``[B, C]`` logits."""
-    compute = _compute_dtype(embeddings, weight)
-    gemm = _gemm_dtype(embeddings.device, compute)
-    x = embeddings.to(compute)
-    w = weight.to(compute)
-    if normalize_embeddings:
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
-    if normalize_weight:
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
-    x = x * scale  # on the [B, D] side: one [B, C] tensor fewer
-    with torch.autocast(embeddings.device.type, enabled=False):
-        logits = (x.to(gemm) @ w.to(gemm).T).to(compute)
-    # Index-based exclusion of the target column: no [B, C] mask is built or kept for backward.
-    lse_rest = logits.scatter(1, labels[:, None], -math.inf).logsumexp(dim=1)
-    sum_rest = None
-    if need_sum:
-        sum_rest = logits.sum(dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
-    return lse_rest, sum_rest
+# ---------------------------------------------------------------- embeddings and weight norms
 
 
-# ---------------------------------------------------------------- chunked path
+def _scaled_embeddings(x: Tensor, cfg: _Config) -> tuple[Tensor, Tensor | None]:
+    """``xs = s·x/‖x‖`` (or ``s·x``) and the rows' 1/‖x‖ when normalising (norms in float64)."""
+    if not cfg.normalize_embeddings:
+        return x * cfg.scale, None
+    wide = _wide_dtype(x.device)
+    inv_norm = _safe_reciprocal(_row_norms(x, wide))
+    xs = (x.to(wide) * (inv_norm * cfg.scale)[:, None]).to(x.dtype)
+    return xs, inv_norm.to(x.dtype)
 
 
 def _weight_inv_norms(weight: Tensor, normalize_weight: bool, compute: torch.dtype) -> Tensor | None:
     """``1/‖w_j‖`` for every row (an O(C) vector), or None without weight normalisation."""
     if not normalize_weight:
         return None
-    norms: Tensor = torch.linalg.vector_norm(weight, dim=1, dtype=compute)
-    return norms.clamp_min_(_NORM_EPS).reciprocal_()
+    return _safe_reciprocal(_row_norms(weight.detach(), compute))
+
+
+def _kept_blocks(cfg: _Config, batch: int, num_rows: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """The ``[K, B, chunk_size·num_subcenters]`` buffer for the logit blocks forward keeps for
+    backward: as many leading full-width chunks as fit the budget, or None (nothing to keep)."""
+    if not cfg.keep_blocks:
+        return None
+    width = cfg.chunk_size * cfg.num_subcenters
+    block = batch * width * torch.finfo(dtype).bits // 8
+    kept = 0 if block == 0 else min(num_rows // width, _cache_bytes // block)
+    return torch.empty((kept, batch, width), dtype=dtype, device=device) if kept else None
+
+
+def _wants_gradient(*tensors: Tensor | None) -> bool:
+    """Whether autograd will differentiate through these inputs (so blocks are worth keeping)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _chunk_logits(
@@ -373,52 +597,6 @@ def _chunk_grad_logits(
     # The target column is not part of the "rest": its gradient goes through the margin.
     return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
 
-
-class _Config:
-    __slots__ = (
-        "chunk_size",
-        "keep_blocks",
-        "label_smoothing",
-        "normalize_embeddings",
-        "normalize_weight",
-        "num_classes",
-        "scale",
-        "target_fn",
-        "target_grad",
-    )
-
-    def __init__(
-        self,
-        target_fn: TargetFn,
-        scale: float,
-        normalize_embeddings: bool,
-        normalize_weight: bool,
-        label_smoothing: float,
-        num_classes: int,
-        chunk_size: int,
-        target_grad: TargetFn | None = None,
-        keep_blocks: bool = False,
-    ) -> None:
-        self.target_fn = target_fn
-        self.target_grad = target_grad
-        self.scale = scale
-        self.normalize_embeddings = normalize_embeddings
-        self.normalize_weight = normalize_weight
-        self.label_smoothing = label_smoothing
-        self.num_classes = num_classes
-        self.chunk_size = chunk_size
-        # Whether forward may keep logit blocks for backward (some input needs a gradient).
-        self.keep_blocks = keep_blocks
-
-
-def _scaled_embeddings(x: Tensor, cfg: _Config) -> tuple[Tensor, Tensor | None]:
-    """``xs = s·x/‖x‖`` (or ``s·x``) and the rows' 1/‖x‖ when normalising."""
-    if not cfg.normalize_embeddings:
-        return x * cfg.scale, None
-    inv_norm = x.norm(dim=1).clamp_min(_NORM_EPS).reciprocal()
-    return x * (inv_norm * cfg.scale)[:, None], inv_norm
-
-
 def scaled_embeddings_backward(
     grad_xs: Tensor, x: Tensor, inv_norm: Tensor | None, cfg: _Config
 ) -> Tensor:
@@ -431,7 +609,7 @@ def scaled_embeddings_backward(
     return (grad - x_hat * radial) * inv_norm[:, None]
 
 
-def rest_logsumexp(
+def _simple_rest_logsumexp(
     xs: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -473,7 +651,7 @@ def rest_logsumexp(
     return lse_rest, sum_rest
 
 
-def rest_backward(
+def _simple_rest_backward(
     xs: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -561,81 +739,308 @@ def rest_backward(
     return grad_xs, grad_weight
 
 
-def _target_backward(
-    x: Tensor,
-    rows: Tensor,
-    lse_rest: Tensor,
-    sum_rest: Tensor | None,
-    grad_row: Tensor,
+
+
+# ---------------------------------------------------------------- the general chunk path
+# Sub-centres, a non-target transform, a bias, a learnable scale or the sigmoid form: one
+# readable pass per chunk (the plain margin softmax keeps the in-place path above).
+
+
+def _class_logits(z0: Tensor, cfg: _Config) -> Tensor:
+    """``[B, n·K]`` block of :math:`\\rho\\cos` to the ``[B, n]`` class logits: the max over
+    each class's ``K`` sub-centres, the non-target transform :math:`s\\,g(z/s)`, the bias.
+    A new tensor (``z0`` is left as it is)."""
+    k = cfg.num_subcenters
+    z = z0 if k == 1 else z0.unflatten(1, (-1, k)).amax(dim=2)
+    if cfg.non_target is not None:
+        z = (cfg.scale * cfg.non_target(z / cfg.scale)).to(z0.dtype)
+    elif z is z0:
+        z = z0.clone()
+    if cfg.bias is not None:
+        z = z + cfg.bias.to(z.dtype)
+    return z
+
+
+def _class_logits_backward(z0: Tensor, grad_z: Tensor, cfg: _Config) -> Tensor:
+    """The vector-Jacobian product of :func:`_class_logits` (without the bias): ``[B, n·K]``."""
+    k = cfg.num_subcenters
+    if k == 1:
+        z = z0
+    else:
+        z, winner = z0.unflatten(1, (-1, k)).max(dim=2)
+    if cfg.non_target is not None:
+        cos = z / cfg.scale
+        if cfg.non_target_grad is not None:
+            slope = cfg.non_target_grad(cos)
+        else:
+            with torch.enable_grad():
+                leaf = cos.detach().requires_grad_(True)
+                (slope,) = torch.autograd.grad(cfg.non_target(leaf).sum(), leaf)
+        grad_z = grad_z * slope.to(grad_z.dtype)
+    if k == 1:
+        return grad_z
+    out = torch.zeros((*grad_z.shape, k), dtype=grad_z.dtype, device=grad_z.device)
+    return out.scatter_(2, winner[..., None], grad_z[..., None]).flatten(1)
+
+
+def _general_chunk_forward(
+    z0: Tensor, local: Tensor, inside: Tensor, cfg: _Config, need_sum: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Row statistic (and sum) of one chunk; the target column is excluded."""
+    z = _class_logits(z0, cfg)
+    at_target = z.gather(1, local)
+    chunk_sum = z.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1) if need_sum else None
+    wide = _wide_dtype(z.device)
+    if cfg.form == "softmax":
+        z.scatter_(1, local, torch.where(inside, -math.inf, at_target))
+        row_max = z.amax(dim=1).clamp_min_(torch.finfo(z.dtype).min)
+        stat = _flushed_exp_(z.sub_(row_max[:, None])).sum(dim=1).to(wide).log_().add_(row_max)
+    else:
+        softplus = torch.nn.functional.softplus(z)
+        softplus.scatter_(1, local, torch.where(inside, 0.0, softplus.gather(1, local)))
+        stat = softplus.sum(dim=1).to(wide)
+    return stat, chunk_sum
+
+
+def _general_chunk_grad(
+    z0: Tensor,
+    local: Tensor,
+    inside: Tensor,
+    stat: Tensor,
+    grad_stat: Tensor,
+    grad_sum: Tensor | None,
     cfg: _Config,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Closed-form gradients of the row losses w.r.t. ``lse_rest``, ``sum_rest``, the
-    embeddings and their target weight rows, using the head's derivative ``target_grad``.
+) -> tuple[Tensor, Tensor]:
+    """``dL/dz`` of one chunk's class logits (target column 0) and the class logits."""
+    z = _class_logits(z0, cfg)
+    compute = z.dtype
+    if cfg.form == "softmax":
+        shift_hi = stat.to(compute)
+        shift_lo = (grad_stat.abs().log() - (stat - shift_hi.to(stat.dtype))).to(compute)
+        sign = torch.where(grad_stat < 0, -1.0, 1.0).to(compute)
+        grad = _chunk_grad_logits(z, local, inside, shift_hi, shift_lo, None) * sign[:, None]
+    else:
+        grad = torch.sigmoid(z).mul_(grad_stat.to(compute)[:, None])
+        grad.masked_fill_(grad.abs() < torch.finfo(compute).tiny, 0.0)
+    if grad_sum is not None:
+        grad = grad + grad_sum.to(compute)[:, None]
+    grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
+    return grad, z
 
-    No autograd inside, so ``torch.compile`` can trace the engine's backward.
+
+def _general_rest_logsumexp(
+    xs: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    cfg: _Config,
+    compute: torch.dtype,
+    inv_norms: Tensor | None,
+    blocks: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    need_sum = cfg.label_smoothing > 0.0
+    k = cfg.num_subcenters
+    width, num_classes = cfg.chunk_size, weight.shape[0] // k
+    local, inside = _chunk_targets(labels, num_classes, width)
+    kept = 0 if blocks is None else blocks.shape[0]
+    wide = _wide_dtype(xs.device)
+    softmax = cfg.form == "softmax"
+    stat = torch.full((xs.shape[0],), -math.inf if softmax else 0.0, dtype=wide, device=xs.device)
+    sum_rest = torch.zeros_like(stat) if need_sum else None
+    for index, start in enumerate(range(0, num_classes, width)):
+        rows = slice(start * k, (start + width) * k)
+        inv = None if inv_norms is None else inv_norms[rows]
+        out = blocks[index] if blocks is not None and index < kept else None
+        z0 = _chunk_logits(xs, weight[rows], inv, compute, out)
+        chunk_stat, chunk_sum = _general_chunk_forward(z0, local[index], inside[index], cfg, need_sum)
+        stat = torch.logaddexp(stat, chunk_stat) if softmax else stat + chunk_stat
+        if sum_rest is not None and chunk_sum is not None:
+            sum_rest = sum_rest + chunk_sum.to(wide)
+    return stat, sum_rest
+
+
+def _general_rest_backward(
+    xs: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    stat: Tensor,
+    grad_stat: Tensor,
+    grad_sum: Tensor | None,
+    cfg: _Config,
+    compute: torch.dtype,
+    need_x: bool,
+    need_w: bool,
+    inv_norms: Tensor | None,
+    blocks: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+    """Gradients for ``xs``, ``weight``, the scale and the bias from the general chunk path."""
+    gemm = xs.dtype
+    k = cfg.num_subcenters
+    width, num_classes = cfg.chunk_size, weight.shape[0] // k
+    local, inside = _chunk_targets(labels, num_classes, width)
+    kept = 0 if blocks is None else blocks.shape[0]
+    grad_xs = torch.zeros(xs.shape, dtype=compute, device=xs.device) if need_x else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_scale = torch.zeros((), dtype=compute, device=xs.device)
+    grad_bias = torch.zeros((), dtype=compute, device=xs.device)
+    bias = 0.0 if cfg.bias is None else cfg.bias.to(compute)
+    for index, start in enumerate(range(0, num_classes, width)):
+        rows = slice(start * k, (start + width) * k)
+        chunk = weight[rows]
+        inv = None if inv_norms is None else inv_norms[rows]
+        if blocks is not None and index < kept:
+            z0 = blocks[index]
+        else:
+            z0 = _chunk_logits(xs, chunk, inv, compute)
+        grad, z = _general_chunk_grad(z0, local[index], inside[index], stat, grad_stat, grad_sum, cfg)
+        if cfg.bias is not None:
+            grad_bias += grad.sum()
+        if cfg.scale_grad:
+            # z - b = s·g(cos): the class logit is linear in s at fixed cosines.
+            grad_scale += (grad * (z - bias)).sum() / cfg.scale
+        grad0 = _class_logits_backward(z0, grad, cfg)
+        radial = None
+        if inv is not None and grad_weight is not None:
+            radial = (grad0 * z0).sum(dim=0) * inv.square()
+        if inv is not None:
+            grad0 = grad0 * inv
+        grad0 = grad0.to(gemm)
+        if grad_xs is not None:
+            grad_xs.add_(torch.mm(grad0, chunk.to(gemm)).to(compute))
+        if grad_weight is not None:
+            grad_chunk = torch.mm(grad0.T, xs).to(compute)
+            if radial is not None:
+                grad_chunk.sub_(chunk.to(compute) * radial[:, None])
+            grad_weight[rows].copy_(grad_chunk)
+    return grad_xs, grad_weight, grad_scale, grad_bias
+
+
+def rest_logsumexp(
+    xs: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    cfg: _Config,
+    compute: torch.dtype,
+    inv_norms: Tensor | None = None,
+    blocks: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """O(B) non-target row statistic (and sum, with label smoothing) over the rows of
+    ``weight``, chunk by chunk, returned in float64.
+
+    The statistic is the log-sum-exp of the non-target logits (softmax form) or the sum of
+    their softplus (sigmoid form).  ``labels`` index classes of ``weight`` (``K`` rows each);
+    a label outside ``[0, classes)`` (a target held by another shard) excludes nothing.
+    ``xs`` are the scaled embeddings in the GEMM dtype; ``inv_norms`` the rows' 1/‖w‖ if
+    already known.  ``blocks``, a ``[K, B, chunk_size·num_subcenters]`` buffer, receives the
+    logits of the first ``K`` chunks for :func:`rest_backward`.
     """
-    assert cfg.target_grad is not None  # internal invariant
-    # The target path is O(B·D): run it in float64 so sin θ near θ = 0 is not fp32 rounding.
-    out_dtype = x.dtype
-    x, rows = x.to(_wide_dtype(x.device)), rows.to(_wide_dtype(x.device))
-    cos, radius = _target_cos_radius(x, rows, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight)
-    value = cfg.target_fn(cos)
-    target_logit = radius * value
-    eps, num_classes = cfg.label_smoothing, cfg.num_classes
-    sig = torch.sigmoid(lse_rest - target_logit.to(lse_rest.dtype))  # d softplus(r - t) / dr
-    grad_lse = grad_row * sig
-    grad_t = (grad_row * (eps - eps / num_classes - sig)).to(cos.dtype)
-    grad_sum = grad_row * (-eps / num_classes) if sum_rest is not None else None
-    grad_cos = grad_t * radius * cfg.target_grad(cos)
-    grad_radius = grad_t * value
-    x_norm = x.norm(dim=1).clamp_min(_NORM_EPS)
-    w_norm = rows.norm(dim=1).clamp_min(_NORM_EPS)
-    x_hat, w_hat = x / x_norm[:, None], rows / w_norm[:, None]
-    # dcos/dx = (ŵ - cos x̂)/‖x‖,  dcos/dw = (x̂ - cos ŵ)/‖w‖,  dρ/dx = ρ x̂/‖x‖ if x unnormalised.
-    radial_x = torch.zeros_like(cos) if cfg.normalize_embeddings else grad_radius * radius / x_norm
-    radial_w = torch.zeros_like(cos) if cfg.normalize_weight else grad_radius * radius / w_norm
-    grad_x = (grad_cos / x_norm)[:, None] * (w_hat - cos[:, None] * x_hat) + radial_x[:, None] * x_hat
-    grad_w = (grad_cos / w_norm)[:, None] * (x_hat - cos[:, None] * w_hat) + radial_w[:, None] * w_hat
-    return grad_lse, grad_sum, grad_x.to(out_dtype), grad_w.to(out_dtype)
+    if inv_norms is None:
+        inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
+    if cfg.simple:
+        return _simple_rest_logsumexp(xs, weight, labels, cfg, compute, inv_norms, blocks)
+    return _general_rest_logsumexp(xs, weight, labels, cfg, compute, inv_norms, blocks)
 
 
-def _target_backward_autograd(
-    embeddings: Tensor,
+def rest_backward(
+    xs: Tensor,
     weight: Tensor,
     labels: Tensor,
     lse_rest: Tensor,
-    sum_rest: Tensor | None,
-    grad_row: Tensor,
+    grad_lse: Tensor,
+    grad_sum: Tensor | None,
     cfg: _Config,
     compute: torch.dtype,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """As :func:`_target_backward` for a ``target_fn`` given without its derivative (eager only)."""
-    wide = _wide_dtype(embeddings.device)
-    with torch.enable_grad():
-        x_leaf = embeddings.detach().to(wide).requires_grad_(True)
-        rows_leaf = weight.detach()[labels].to(wide).requires_grad_(True)
-        lse_leaf = lse_rest.detach().requires_grad_(True)
-        sum_leaf = sum_rest.detach().requires_grad_(True) if sum_rest is not None else None
-        cos, radius = _target_cos_radius(
-            x_leaf, rows_leaf, cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
+    need_x: bool,
+    need_w: bool,
+    inv_norms: Tensor | None = None,
+    blocks: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""Backward of :func:`rest_logsumexp`: gradients for the scaled embeddings ``xs`` and for
+    ``weight`` (through its row normalisation), recomputing each chunk's logits except the
+    first ``K`` that forward kept in ``blocks`` (the same values, so the same gradients).
+
+    ``weight.grad`` rows are written chunk by chunk into one ``empty_like(weight)``.  With
+    :math:`z_{ij} = \hat w_j^\top x^s_i` and :math:`g_{ij} = \partial L/\partial z_{ij}`,
+
+    .. math::
+        \frac{\partial L}{\partial w_j} = \frac{1}{\lVert w_j\rVert}\Big(\sum_i g_{ij} x^s_i
+        - \hat w_j \sum_i g_{ij} z_{ij}\Big),
+
+    so the normalisation's radial term comes from the ``[B, chunk]`` block, not from a pass
+    over the ``[chunk, D]`` weight gradient.
+    """
+    if inv_norms is None:
+        inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
+    if cfg.simple:
+        return _simple_rest_backward(
+            xs, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w, inv_norms, blocks
         )
-        target_logit = (radius * cfg.target_fn(cos)).to(lse_leaf.dtype)
-        row = _row_loss(lse_leaf, sum_leaf, target_logit, cfg.num_classes, cfg.label_smoothing)
-        inputs = [lse_leaf, x_leaf, rows_leaf] + ([sum_leaf] if sum_leaf is not None else [])
-        grads = torch.autograd.grad(row, inputs, grad_row.to(row.dtype), allow_unused=True)
-    zero = torch.zeros_like
-    grad_lse = grads[0] if grads[0] is not None else zero(lse_rest)
-    grad_x = grads[1] if grads[1] is not None else zero(x_leaf)
-    grad_w = grads[2] if grads[2] is not None else zero(rows_leaf)
-    grad_sum = (grads[3] if grads[3] is not None else zero(lse_rest)) if sum_leaf is not None else None
-    return grad_lse, grad_sum, grad_x.to(compute), grad_w.to(compute)
+    grad_xs, grad_weight, _, _ = _general_rest_backward(
+        xs, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w, inv_norms, blocks
+    )
+    return grad_xs, grad_weight
 
 
-class _ChunkedMarginSoftmax(torch.autograd.Function):
-    """Row losses of the margin softmax, computed class chunk by class chunk.
+# ---------------------------------------------------------------- the plain path
+
+
+def _plain_rest(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    owned: Tensor,
+    scale: Scale,
+    bias: Tensor | None,
+    cfg: _Config,
+    gemm: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Row statistic and sum with plain autograd over the full ``[B, C]`` logits (the GEMM in
+    ``gemm``: the autocast dtype the caller saw, or the compute dtype)."""
+    compute = _compute_dtype(x, weight)
+    wide = _wide_dtype(x.device)
+    xc = x.to(compute)
+    w = weight.to(compute)
+    if cfg.normalize_embeddings:
+        xc = (xc.to(wide) * _safe_reciprocal(_row_norms(xc, wide))[:, None]).to(compute)
+    if cfg.normalize_weight:
+        w = w * _safe_reciprocal(_row_norms(w, compute))[:, None]
+    xc = xc * scale  # on the [B, D] side: one [B, C] tensor fewer
+    with _autocast_off(x.device):
+        z = (xc.to(gemm) @ w.to(gemm).T).to(compute)
+    k = cfg.num_subcenters
+    if k > 1:
+        z = z.unflatten(1, (-1, k)).amax(dim=2)
+    if cfg.non_target is not None:
+        z = (scale * cfg.non_target(z / scale)).to(compute)
+    if bias is not None:
+        z = z + bias.to(compute)
+    # Index-based exclusion of the target column: no [B, C] mask is built or kept.
+    column = torch.where(owned, labels, torch.zeros_like(labels))[:, None]
+    at_target = z.gather(1, column).squeeze(1)
+    rest_sum = z.sum(dim=1) - torch.where(owned, at_target, 0.0)
+    if cfg.form == "softmax":
+        excluded = torch.where(owned, -math.inf, at_target)
+        stat = z.scatter(1, column, excluded[:, None]).logsumexp(dim=1)
+    else:
+        softplus = torch.nn.functional.softplus(z)
+        stat = softplus.sum(dim=1) - torch.where(owned, softplus.gather(1, column).squeeze(1), 0.0)
+    return stat.to(wide), rest_sum.to(wide)
+
+
+# ---------------------------------------------------------------- the chunked Function
+
+
+class _MarginEngine(torch.autograd.Function):
+    """Target cosines, norms and the non-target row statistic, class chunk by class chunk.
+
+    Inputs: the (global) embeddings ``[N, D]``, this process's weight rows, the target class
+    of each row within them (``owned`` false where another shard holds it), the scale and the
+    bias when they are tensors, the O(C) inverse weight norms.  Outputs (all ``[N]``): the
+    row statistic, the non-target sum, the target cosine, ``‖x‖`` and ``‖w_y‖``.
 
     Saves the inputs, O(B) row statistics, the O(C) 1/‖w‖ and the logit blocks of the first
     chunks within :func:`set_backward_cache_bytes`; backward recomputes every other chunk.
+    With a process group the statistics are combined over ranks in forward and the incoming
+    gradients averaged over ranks in backward.
     """
 
     @staticmethod
@@ -644,84 +1049,638 @@ class _ChunkedMarginSoftmax(torch.autograd.Function):
         embeddings: Tensor,
         weight: Tensor,
         labels: Tensor,
-        valid: Tensor,
+        owned: Tensor,
+        scale: Tensor | None,
+        bias: Tensor | None,
+        inv_norms: Tensor | None,
         cfg: _Config,
-    ) -> Tensor:
+        group: ProcessGroup | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         compute = _compute_dtype(embeddings, weight)
         gemm = _gemm_dtype(embeddings.device, compute)
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with _autocast_off(embeddings.device):
+            cos, x_norm, w_norm, index = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
+            if group is not None:
+                stacked = torch.stack([cos, w_norm])
+                torch.distributed.all_reduce(stacked, group=group)
+                cos, w_norm = stacked[0], stacked[1]
+            if cfg.prepare is not None:
+                cfg.prepare(cos)
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
-            xs_gemm = xs.to(gemm)
-            inv_norms = _weight_inv_norms(weight, cfg.normalize_weight, compute)
             blocks = _kept_blocks(cfg, x.shape[0], weight.shape[0], compute, x.device)
-            lse_rest, sum_rest = rest_logsumexp(xs_gemm, weight, labels, cfg, compute, inv_norms, blocks)
-            wide = _wide_dtype(x.device)
-            cos, radius = _target_cos_radius(
-                x.to(wide), weight[labels].to(wide), cfg.scale, cfg.normalize_embeddings, cfg.normalize_weight
-            )
-            target_logit = (radius * cfg.target_fn(cos)).to(lse_rest.dtype)
-            row = _row_loss(lse_rest, sum_rest, target_logit, cfg.num_classes, cfg.label_smoothing)
-            row = row.to(compute)
-        # Inputs, O(B) row statistics, the O(C) 1/‖w‖ and at most the cache budget of softmax
-        # blocks (never a [B, C] block growing with C).
+            stat, rest_sum = rest_logsumexp(xs.to(gemm), weight, labels, cfg, compute, inv_norms, blocks)
+            if rest_sum is None:
+                rest_sum = torch.zeros_like(stat)
+            if group is not None:
+                if cfg.form == "softmax":
+                    stat = sharding.all_reduce_logsumexp(stat, group)
+                    torch.distributed.all_reduce(rest_sum, group=group)
+                else:
+                    stacked = torch.stack([stat, rest_sum])
+                    torch.distributed.all_reduce(stacked, group=group)
+                    stat, rest_sum = stacked[0], stacked[1]
         ctx.save_for_backward(
-            embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks  # type: ignore[arg-type]
+            embeddings, weight, labels, owned, scale, bias, inv_norms, stat, cos, index, blocks  # type: ignore[arg-type]
         )
         ctx.cfg = cfg  # type: ignore[attr-defined]
+        ctx.group = group  # type: ignore[attr-defined]
         ctx.compute = compute  # type: ignore[attr-defined]
         ctx.gemm = gemm  # type: ignore[attr-defined]
-        return row
+        return stat, rest_sum, cos, x_norm, w_norm
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_row: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_stat: Tensor | None,
+        grad_sum: Tensor | None,
+        grad_cos: Tensor | None,
+        grad_x_norm: Tensor | None,
+        grad_w_norm: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
         cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
+        group: ProcessGroup | None = ctx.group  # type: ignore[attr-defined]
         compute: torch.dtype = ctx.compute  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
-        embeddings, weight, labels, valid, lse_rest, sum_rest, inv_norms, blocks = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # type: ignore[attr-defined]
-        grad_row = torch.where(valid, grad_row.to(compute), 0.0)
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        embeddings, weight, labels, owned, scale_t, bias_t, inv_norms, stat, cos, index, blocks = saved
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        need_x, need_w, need_scale, need_bias = needs[0], needs[1], needs[4], needs[5]
+        if torch.is_grad_enabled():
+            return _double_backward(
+                ctx, (grad_stat, grad_sum, grad_cos, grad_x_norm, grad_w_norm), saved, cfg, group
+            )
+        wide = stat.dtype
 
-        with torch.autocast(embeddings.device.type, enabled=False):
-            # O(B) part: the target logit's margin transform and the loss assembly.
-            grad_x_target: Tensor | None
-            grad_rows_target: Tensor | None
-            if cfg.target_grad is not None:
-                grad_lse, grad_sum, grad_x_target, grad_rows_target = _target_backward(
-                    embeddings.to(compute), weight[labels].to(compute), lse_rest, sum_rest,
-                    grad_row, cfg,
-                )
-            else:
-                grad_lse, grad_sum, grad_x_target, grad_rows_target = _target_backward_autograd(
-                    embeddings, weight, labels, lse_rest, sum_rest, grad_row, cfg, compute
-                )
-            if not need_x:
-                grad_x_target = None
-            if not need_w:
-                grad_rows_target = None
+        def zeros_if_none(grad: Tensor | None) -> Tensor:
+            return torch.zeros_like(stat) if grad is None else grad.to(wide)
 
-            # O(B·C·D) part: the non-target columns, chunk by chunk.
+        grads = torch.stack([zeros_if_none(g) for g in (grad_stat, grad_sum, grad_cos, grad_w_norm)])
+        if group is not None:
+            # Every shard must see the same upstream gradient for the pieces to add up to one
+            # gradient; averaging makes that hold even if ranks backpropagate different values.
+            grads = sharding.average_over_ranks(grads, group)
+        grad_stat_, grad_sum_, grad_cos_, grad_w_norm_ = grads.unbind(0)
+        grad_x_norm_ = zeros_if_none(grad_x_norm)
+        if group is not None:
+            # ‖x‖ is computed alike on every rank from the gathered batch, and the gather's
+            # backward sums over ranks: each rank passes on its share.
+            grad_x_norm_ = grad_x_norm_ / torch.distributed.get_world_size(group)
+        zero = torch.zeros((), dtype=wide, device=stat.device)
+        grad_cos_ = torch.where(owned, grad_cos_, zero)
+        grad_w_norm_ = torch.where(owned, grad_w_norm_, zero)
+        smoothing_sum = grad_sum_ if cfg.label_smoothing > 0.0 else None
+
+        with _autocast_off(embeddings.device):
             x = embeddings.to(compute)
             xs, x_inv_norm = _scaled_embeddings(x, cfg)
-            xs_gemm = xs.to(gemm)
-            grad_xs, grad_weight = rest_backward(
-                xs_gemm, weight, labels, lse_rest, grad_lse, grad_sum, cfg, compute, need_x, need_w,
-                inv_norms, blocks,
+            grad_scale = grad_bias = None
+            if cfg.simple:
+                grad_xs, grad_weight = _simple_rest_backward(
+                    xs.to(gemm), weight, labels, stat, grad_stat_, smoothing_sum, cfg, compute,
+                    need_x, need_w, inv_norms, blocks,
+                )
+            else:
+                grad_xs, grad_weight, grad_scale, grad_bias = _general_rest_backward(
+                    xs.to(gemm), weight, labels, stat, grad_stat_, smoothing_sum, cfg, compute,
+                    need_x, need_w, inv_norms, blocks,
+                )
+                if group is not None and (need_scale or need_bias):
+                    # The non-target part of a replicated scalar's gradient is per shard.
+                    both = torch.stack([grad_scale, grad_bias])
+                    torch.distributed.all_reduce(both, group=group)
+                    grad_scale, grad_bias = both[0], both[1]
+            rows = weight[index]
+            grad_x_target, grad_rows = _target_cosine_backward(
+                embeddings, rows, cos, grad_cos_, grad_x_norm_, grad_w_norm_
             )
-
             grad_embeddings = None
-            if grad_xs is not None and grad_x_target is not None:
-                grad_x = scaled_embeddings_backward(grad_xs, x, x_inv_norm, cfg)
-                grad_embeddings = (grad_x + grad_x_target).to(embeddings.dtype)
-            if grad_weight is not None and grad_rows_target is not None:
-                grad_weight.index_add_(0, labels, grad_rows_target.to(weight.dtype))
-        return grad_embeddings, grad_weight, None, None, None
+            if need_x:
+                grad_x = grad_x_target.to(compute)
+                if grad_xs is not None:
+                    grad_x = grad_x + scaled_embeddings_backward(grad_xs, x, x_inv_norm, cfg)
+                grad_embeddings = grad_x.to(embeddings.dtype)
+            if grad_weight is not None:
+                grad_weight.index_add_(0, index, grad_rows.to(weight.dtype))
+        return (
+            grad_embeddings,
+            grad_weight if need_w else None,
+            None,
+            None,
+            grad_scale.reshape(scale_t.shape).to(scale_t.dtype) if need_scale and grad_scale is not None else None,
+            grad_bias.reshape(bias_t.shape).to(bias_t.dtype) if need_bias and grad_bias is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
-# ---------------------------------------------------------------- public entry point
+def _double_backward(
+    ctx: Any,
+    grads: tuple[Tensor | None, ...],
+    saved: tuple[Tensor, ...],
+    cfg: _Config,
+    group: ProcessGroup | None,
+) -> tuple[Tensor | None, ...]:
+    """A ``create_graph=True`` backward: recompute with plain autograd (``[B, C]`` for this
+    backward only) so that second derivatives are exact."""
+    if group is not None:
+        raise RuntimeError(
+            "double backward (create_graph=True) through a class-sharded head is not supported: "
+            "its gradient crosses ranks; compute the gradient penalty on an unsharded head"
+        )
+    embeddings, weight, labels, owned, scale_t, bias_t, _, _, _, _, _ = saved
+    scale: Scale = scale_t if scale_t is not None else cfg.scale
+    with _autocast_off(embeddings.device):
+        stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, scale, bias_t, cfg, ctx.gemm)
+        cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
+    outputs = (stat, rest_sum, cos, x_norm, w_norm)
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None]
+    needs = ctx.needs_input_grad
+    candidates = [(i, t) for i, t in ((0, embeddings), (1, weight), (4, scale_t), (5, bias_t)) if needs[i]]
+    result: list[Tensor | None] = [None] * 9
+    if not pairs or not candidates:
+        return tuple(result)
+    got = torch.autograd.grad(
+        [out for out, _ in pairs],
+        [t for _, t in candidates],
+        [grad.to(out.dtype) for out, grad in pairs],
+        create_graph=True,
+        allow_unused=True,
+    )
+    for (position, tensor), grad in zip(candidates, got):
+        result[position] = torch.zeros_like(tensor) if grad is None else grad
+    return tuple(result)
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def _check_scale_arg(scale: object) -> Scale:
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(
+                f"scale must be a positive float or a one-element floating tensor, got a tensor of "
+                f"shape {tuple(scale.shape)} and dtype {scale.dtype}"
+            )
+        return scale.reshape(())
+    return V.check_float("scale", scale, low=0.0, low_open=True)
+
+
+def _check_bias_arg(bias: object) -> Tensor | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, Tensor) or bias.numel() != 1 or not bias.is_floating_point():
+        got = f"shape {tuple(bias.shape)}, dtype {bias.dtype}" if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or a one-element floating tensor, got {got}")
+    return bias.reshape(())
+
+
+def _check_weight_tensor(weight: object) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        described = f"shape {tuple(weight.shape)} dtype {weight.dtype}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a floating [num_classes, embedding_dim] tensor, got {described}")
+
+
+@dataclass
+class _Checked:
+    labels: Tensor
+    scale: Scale
+    bias: Tensor | None
+    chunk: int | str | None
+
+
+def _check_call(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: object,
+    bias: object,
+    num_classes: int,
+    num_subcenters: int,
+    world_size: int,
+    rank: int,
+    loss_form: str,
+    reduction: str,
+    label_smoothing: float,
+    ignore_index: int,
+    chunk_size: object,
+    sample_rate: float,
+    sample_seed: int,
+    sample_step: int,
+) -> _Checked:
+    """Every check of one call that this process can make on its own (raising)."""
+    V.check_choice("reduction", reduction, _REDUCTIONS)
+    V.check_choice("loss_form", loss_form, _FORMS)
+    smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if smoothing > 0.0 and loss_form != "softmax":
+        raise ValueError(f"label_smoothing must be 0 for the {loss_form} loss form, got {label_smoothing!r}")
+    chunk = V.check_chunk_size(chunk_size)
+    V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
+    V.check_int64("ignore_index", ignore_index)
+    V.check_int64("sample_seed", sample_seed)
+    V.check_int64("sample_step", sample_step)
+    if sample_step < 0:
+        raise ValueError(f"sample_step must be >= 0, got {sample_step}")
+    V.check_positive_int("num_subcenters", num_subcenters)
+    checked_scale = _check_scale_arg(scale)
+    checked_bias = _check_bias_arg(bias)
+    start, size = sharding.shard_range(num_classes, world_size, rank)
+    rows = size * num_subcenters
+    _check_weight_tensor(weight)
+    if weight.shape[0] != rows:
+        per_class = f" x {num_subcenters} sub-centres" if num_subcenters > 1 else ""
+        if world_size > 1:
+            raise ValueError(
+                f"weight has {weight.shape[0]} rows but rank {rank} of {world_size} holds classes "
+                f"[{start}, {start + size}) of num_classes={num_classes} ({rows} rows{per_class}); build "
+                f"the head with this process group, or load a full weight with load_full_weight"
+            )
+        raise ValueError(
+            f"weight must have {rows} rows (num_classes={num_classes}{per_class}), got shape "
+            f"{tuple(weight.shape)}"
+        )
+    V.check_embeddings(embeddings, check_values=False)
+    if embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"embeddings must have shape [batch, {weight.shape[1]}] to match weight "
+            f"{tuple(weight.shape)}, got shape {tuple(embeddings.shape)}"
+        )
+    checked = V.check_labels(labels, embeddings.shape[0], None, ignore_index)
+    V.check_same_device(embeddings=embeddings, weight=weight, labels=checked)
+    return _Checked(checked, checked_scale, checked_bias, chunk)
+
+
+def _agreement_fields(
+    embeddings: Tensor,
+    weight: Tensor,
+    checked: _Checked,
+    *,
+    num_classes: int,
+    num_subcenters: int,
+    normalize_embeddings: bool,
+    normalize_weight: bool,
+    loss_form: str,
+    reduction: str,
+    label_smoothing: float,
+    ignore_index: int,
+    sample_rate: float,
+    sample_seed: int,
+    sample_step: int,
+    digest: int,
+) -> list[tuple[str, int, Callable[[int], Any] | None]]:
+    """The named facts every rank of a sharded call must agree on, as ``(name, value, show)``."""
+    grad = torch.is_grad_enabled()
+    scale = checked.scale
+    return [
+        ("batch size", embeddings.shape[0], None),
+        ("num_classes", num_classes, None),
+        ("embedding_dim", weight.shape[1], None),
+        ("the embeddings' dtype", sharding.dtype_code(embeddings.dtype), sharding.show_dtype),
+        ("the weight's dtype", sharding.dtype_code(weight.dtype), sharding.show_dtype),
+        ("embeddings.requires_grad (every rank must backpropagate, or none)", int(grad and embeddings.requires_grad), None),
+        ("weight.requires_grad (every rank must backpropagate, or none)", int(grad and weight.requires_grad), None),
+        ("scale", sharding.float_bits(scale) if isinstance(scale, float) else -1, sharding.show_float),
+        ("normalize_embeddings", int(normalize_embeddings), None),
+        ("normalize_weight", int(normalize_weight), None),
+        ("num_subcenters", num_subcenters, None),
+        ("loss_form", _FORMS.index(loss_form), lambda i: _FORMS[i]),
+        ("reduction", _REDUCTIONS.index(reduction), lambda i: _REDUCTIONS[i]),
+        ("label_smoothing", sharding.float_bits(label_smoothing), sharding.show_float),
+        ("ignore_index", ignore_index, None),
+        ("sample_rate", sharding.float_bits(sample_rate), sharding.show_float),
+        ("sample_seed", sample_seed, None),
+        ("sample_step", sample_step, None),
+        ("the head's hyperparameters (digest)", digest, None),
+    ]
+
+
+def _check_agreement(
+    group: ProcessGroup | None,
+    device: torch.device,
+    fields: list[tuple[str, int, Callable[[int], Any] | None]],
+    state_digest: Tensor | None,
+    error: BaseException | None,
+    what: str,
+    describe: Callable[[], dict[str, Any]] | None,
+) -> list[int]:
+    """Exchange the facts (and any local error); raise the same error on every rank when any
+    rank failed or the ranks disagree.  Returns every rank's batch size."""
+    extra = None if state_digest is None else state_digest.reshape(1).to(torch.float64).view(torch.int64)
+    rows = sharding.exchange(group, device, [value for _, value, _ in fields], error, what, extra)
+    for index, (name, _, show) in enumerate(fields):
+        if index == 0:
+            continue
+        if name.startswith("the head's hyperparameters") and len({row[index] for row in rows}) > 1:
+            _raise_disagreement(group, what, "hyperparameters", describe)
+        sharding.require_same(rows, index, name, what, show)
+    if state_digest is not None and len({row[-1] for row in rows}) > 1:
+        _raise_disagreement(group, what, "state (buffers and parameters other than weight)", describe)
+    return [row[0] for row in rows]
+
+
+def _raise_disagreement(
+    group: ProcessGroup | None, what: str, kind: str, describe: Callable[[], dict[str, Any]] | None
+) -> None:
+    """Name what differs between ranks (an object all-gather: only on this error path)."""
+    described: dict[str, Any] = describe() if describe is not None else {}
+    gathered: list[Any] = [None] * sharding.world(group)[0]
+    torch.distributed.all_gather_object(gathered, described, group=group)
+    keys = sorted({key for item in gathered for key in item})
+    differing = [key for key in keys if len({repr(item.get(key)) for item in gathered}) > 1]
+    shown = "; ".join(f"{key}: {[item.get(key) for item in gathered]}" for key in differing) or "(not named)"
+    raise ValueError(
+        f"{what}: the head's {kind} must be the same on every rank (raised on every rank); "
+        f"by rank, {shown}"
+    )
+
+
+def replaying_forward() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing
+    (:func:`torch.utils.checkpoint.checkpoint`) replaying it to recompute activations.
+
+    A head advances its state (step counters, EMA buffers) only outside such replays, so
+    that the replay sees the state the first pass saw and nothing advances twice.
+
+    Examples
+    --------
+    >>> replaying_forward()
+    False
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def margin_loss(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target: TargetHook,
+    *,
+    non_target: NonTargetHook | None = None,
+    non_target_grad: NonTargetHook | None = None,
+    prepare: PrepareHook | None = None,
+    row_loss: RowLossHook | None = None,
+    scale: Scale = 1.0,
+    bias: Tensor | None = None,
+    normalize_embeddings: bool = True,
+    normalize_weight: bool = True,
+    num_subcenters: int = 1,
+    loss_form: str = "softmax",
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: ChunkSize = "auto",
+    num_classes: int | None = None,
+    process_group: ProcessGroup | None = None,
+    sample_rate: float = 1.0,
+    sample_seed: int = 0,
+    sample_step: int = 0,
+    training: bool = False,
+    update_state: bool = False,
+    digest: int = 0,
+    state_digest: Tensor | None = None,
+    describe: Callable[[], dict[str, Any]] | None = None,
+) -> Tensor:
+    r"""The loss of a margin head: the engine behind every :class:`marginloss.MarginHead`.
+
+    Logits are :math:`z_{ij} = \rho_{ij}\,g(\cos\theta_{ij}) + b` for :math:`j\ne y_i` and
+    :math:`t_i = \rho_{iy_i} f(\cos\theta_{iy_i}) + b` for the target, where :math:`f` is
+    ``target``, :math:`g` is ``non_target`` (identity by default), :math:`b` the ``bias`` (0
+    by default) and :math:`\rho = s\,(1\text{ or }\lVert x_i\rVert)(1\text{ or }\lVert
+    w_j\rVert)` by the two ``normalize_*`` flags.  With ``num_subcenters = K`` the weight
+    holds ``K`` consecutive rows per class and a class's cosine is the max over them.
+    ``loss_form="softmax"`` gives the cross entropy of these logits (``label_smoothing`` and
+    ``ignore_index`` as in :class:`torch.nn.CrossEntropyLoss`, an all-ignored batch gives 0);
+    ``"sigmoid"`` gives :math:`\operatorname{softplus}(-t_i) + \sum_{j\ne y_i}
+    \operatorname{softplus}(z_{ij})`; ``row_loss`` replaces either.
+
+    Parameters
+    ----------
+    embeddings : Tensor
+        ``[B, D]`` floating point (this rank's rows with a process group).
+    weight : Tensor
+        ``[C·K, D]`` class weights, or this rank's ``[shard_size·K, D]`` with a group.
+    labels : Tensor
+        ``[B]`` integer class indices in ``[0, C)`` or ``ignore_index``.
+    target : callable ``(cos [B], MarginContext) -> [B]``
+        The margin on the target cosines, in cosine units; any tensor it uses gets its exact
+        gradient on every path.
+    non_target : callable ``(cos, MarginContext) -> same shape``, optional
+        An elementwise transform of the non-target cosines (a ``[B, n]`` block at a time;
+        per-row parameters broadcast as ``[B, 1]``); gradient-free apart from ``cos``.
+    non_target_grad : callable, optional
+        Its elementwise derivative (otherwise autograd differentiates each chunk).
+    prepare : callable ``(MarginContext) -> None``, optional
+        Called once per call with ``context.cos_target`` set, before any logit is computed:
+        where a head advances its state.
+    row_loss : callable ``(target_logit, rest, rest_sum, MarginContext) -> [B]``, optional
+        Replaces the default row loss of ``loss_form``.
+    scale : float or Tensor, default 1.0
+        :math:`s` (a one-element tensor may require grad or change every step).
+    bias : Tensor, optional
+        One-element :math:`b`, added to every logit (may require grad).
+    normalize_embeddings, normalize_weight : bool, default True
+    num_subcenters : int, default 1
+    loss_form : {"softmax", "sigmoid"}, default "softmax"
+    reduction : {"mean", "sum", "none"}, default "mean"
+    label_smoothing : float in [0, 1], default 0.0
+    ignore_index : int, default -100
+    chunk_size : int, "auto" or None, default "auto"
+        See the module docstring.
+    num_classes : int, optional
+        :math:`C`; required with a process group (the weight then holds a shard).
+    process_group : ProcessGroup, optional
+        Class sharding (see :mod:`marginloss.distributed`).
+    sample_rate, sample_seed, sample_step
+        PartialFC sampling (see :func:`marginloss.distributed.sample_classes`).
+    training, update_state : bool, default False
+        Passed to the hooks in the context (``update_state`` is forced off during an
+        activation-checkpointing replay).
+    digest, state_digest, describe
+        What a sharded head's ranks must agree on (see :class:`marginloss.MarginHead`).
+
+    Returns
+    -------
+    Tensor
+        A scalar, or ``[B]`` for ``reduction="none"`` (the global batch with a group), in the
+        compute dtype (at least float32).
+    """
+    group = process_group
+    world_size, rank = sharding.world(group)
+    total_classes = num_classes if num_classes is not None else (
+        weight.shape[0] // max(num_subcenters, 1) if isinstance(weight, Tensor) and weight.dim() == 2 else 0
+    )
+    device = weight.device if isinstance(weight, Tensor) else torch.device("cpu")
+    what = "sharded margin softmax"
+    error: BaseException | None = None
+    checked: _Checked | None = None
+    try:
+        if num_classes is None:
+            _check_weight_tensor(weight)
+        V.check_positive_int("num_classes", total_classes)
+        checked = _check_call(
+            embeddings, weight, labels, scale=scale, bias=bias, num_classes=total_classes,
+            num_subcenters=num_subcenters, world_size=world_size, rank=rank, loss_form=loss_form,
+            reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index,
+            chunk_size=chunk_size, sample_rate=sample_rate, sample_seed=sample_seed,
+            sample_step=sample_step,
+        )
+        compute = _compute_dtype(embeddings, weight)
+        weight_norms = None
+        if normalize_weight or V.values_checked(weight):
+            with _autocast_off(weight.device):
+                weight_norms = _row_norms(weight.detach(), compute)
+        V.check_inputs_values(embeddings, weight_norms, checked.labels, total_classes, ignore_index)
+    except Exception as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        fields: list[tuple[str, int, Callable[[int], Any] | None]] = [("batch size", 0, None)]
+        if checked is not None:
+            fields = _agreement_fields(
+                embeddings, weight, checked, num_classes=total_classes, num_subcenters=num_subcenters,
+                normalize_embeddings=normalize_embeddings, normalize_weight=normalize_weight,
+                loss_form=loss_form, reduction=reduction, label_smoothing=label_smoothing,
+                ignore_index=ignore_index, sample_rate=sample_rate, sample_seed=sample_seed,
+                sample_step=sample_step, digest=digest,
+            )
+        else:
+            fields += [("", 0, None)] * 18
+        if state_digest is None:
+            state_digest = torch.zeros((), dtype=torch.float64, device=device)
+        batch_sizes = tuple(_check_agreement(group, device, fields, state_digest, error, what, describe))
+    assert checked is not None  # every failure above raised
+    scale_value, bias_value = checked.scale, checked.bias
+
+    if group is None:
+        x_global, labels_global = embeddings, checked.labels
+    else:
+        if sum(batch_sizes) == 0:
+            # Every rank is empty: a zero loss still connected to the inputs, no collectives.
+            zero = (embeddings.sum() * 0.0 + weight[:0].sum()).to(compute)
+            return zero.expand(0) if reduction == "none" else zero
+        x_global = sharding.gather_embeddings(embeddings, group, batch_sizes, rank)
+        labels_global = sharding.all_gather_rows(checked.labels, group, batch_sizes)
+
+    in_range = (labels_global >= 0) & (labels_global < total_classes)
+    ignored = labels_global == ignore_index
+    valid = in_range & ~ignored
+    # With value checks off, a label outside [0, C) that is not ignore_index makes its row NaN:
+    # never another class's loss.
+    bad = ~in_range & ~ignored
+    safe = torch.where(valid, labels_global, torch.zeros_like(labels_global))
+    start, _ = sharding.shard_range(total_classes, world_size, rank)
+    local = safe - start
+    owned = valid & (local >= 0) & (local < weight.shape[0] // num_subcenters)
+    local = torch.where(owned, local, torch.full_like(local, -1))
+
+    used, used_norms, classes = weight, weight_norms, total_classes
+    if sample_rate < 1.0:
+        safe_cpu = torch.where(valid, labels_global, -1).cpu()
+        kept = sharding.sample_classes(
+            safe_cpu, total_classes, world_size, rank, sample_rate, seed=sample_seed, step=sample_step
+        ).to(weight.device)
+        classes = sharding.sampled_total(safe_cpu, total_classes, world_size, sample_rate)
+        if num_subcenters > 1:
+            kept_rows = (kept[:, None] * num_subcenters + torch.arange(num_subcenters, device=kept.device)).flatten()
+        else:
+            kept_rows = kept
+        used = weight.index_select(0, kept_rows)
+        used_norms = None if weight_norms is None else weight_norms.index_select(0, kept_rows)
+        position = torch.searchsorted(kept, local.clamp_min(0)).clamp_max(kept.numel() - 1)
+        owned = owned & (kept[position] == local)
+        local = torch.where(owned, position, torch.full_like(position, -1))
+
+    replay = replaying_forward()
+    context = MarginContext(
+        labels=safe, valid=valid, embedding_norms=torch.empty(0), weight_norms=torch.empty(0),
+        training=training, update_state=update_state and not replay, num_classes=classes, scale=scale_value,
+    )
+    frozen: MarginContext | None = None
+
+    def run_prepare(cos: Tensor) -> None:
+        nonlocal frozen
+        context.cos_target = cos.detach()
+        if prepare is not None:
+            with torch.no_grad():
+                prepare(context)
+        frozen = MarginContext(**context.__dict__)
+
+    def rest_transform(cos: Tensor) -> Tensor:
+        assert non_target is not None and frozen is not None
+        return non_target(cos, frozen)
+
+    def rest_slope(cos: Tensor) -> Tensor:
+        assert non_target_grad is not None and frozen is not None
+        return non_target_grad(cos, frozen)
+
+    if checked.chunk is None:
+        width = used.shape[0] // num_subcenters
+    elif checked.chunk == "auto":
+        width = default_chunk_size(x_global.shape[0], used.shape[0] // num_subcenters, used.device)
+    else:
+        width = int(checked.chunk)
+    scale_tensor = scale_value if isinstance(scale_value, Tensor) else None
+    cfg = _Config(
+        scale_value.detach() if isinstance(scale_value, Tensor) else scale_value,
+        normalize_embeddings, normalize_weight, float(label_smoothing), classes,
+        max(1, min(width, used.shape[0] // num_subcenters)),
+        keep_blocks=_wants_gradient(x_global, used),
+        num_subcenters=num_subcenters, form=loss_form,
+        bias=None if bias_value is None else bias_value.detach(),
+        scale_grad=scale_tensor is not None and scale_tensor.requires_grad,
+        non_target=rest_transform if non_target is not None else None,
+        non_target_grad=rest_slope if non_target_grad is not None else None,
+        # A non-target transform may use state that prepare advances, so prepare must run
+        # between the target cosines and the rest; otherwise it runs after the engine,
+        # outside the autograd Function (traceable by torch.compile).
+        prepare=run_prepare if non_target is not None else None,
+    )
+    plain = group is None and (
+        checked.chunk is None
+        or (checked.chunk == "auto" and x_global.shape[0] * used.shape[0] <= _PLAIN_ELEMENTS)
+    )
+    if plain:
+        gemm = _gemm_dtype(x_global.device, _compute_dtype(x_global, used))
+        with _autocast_off(x_global.device):
+            cos, x_norm, w_norm, _ = _target_cosine(x_global, used, local, owned, num_subcenters)
+            if non_target is not None:
+                run_prepare(cos)
+            stat, rest_sum = _plain_rest(x_global, used, local, owned, scale_value, bias_value, cfg, gemm)
+    else:
+        inv_norms = None if used_norms is None or not normalize_weight else _safe_reciprocal(used_norms)
+        stat, rest_sum, cos, x_norm, w_norm = _MarginEngine.apply(
+            x_global, used, local, owned, scale_tensor, bias_value, inv_norms, cfg, group
+        )
+    if non_target is None:
+        run_prepare(cos)
+    context.embedding_norms, context.weight_norms = x_norm, w_norm
+    context.rest = stat.detach()
+    value = target(cos, context)
+    if not isinstance(value, Tensor) or value.shape != cos.shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"target must return a tensor of shape {tuple(cos.shape)} (one value per row), got {got}")
+    radius: Tensor | float = scale_value
+    if not normalize_embeddings:
+        radius = radius * x_norm
+    if not normalize_weight:
+        radius = radius * w_norm
+    target_logit = radius * value.to(cos.dtype)
+    if bias_value is not None:
+        target_logit = target_logit + bias_value.to(cos.dtype)
+    target_logit = target_logit.to(stat.dtype)
+    if row_loss is not None:
+        row = row_loss(target_logit, stat, rest_sum, context)
+    elif loss_form == "softmax":
+        row = softmax_row_loss(target_logit, stat, rest_sum, classes, float(label_smoothing))
+    else:
+        row = sigmoid_row_loss(target_logit, stat)
+    row = torch.where(bad, math.nan, row).to(_compute_dtype(embeddings, weight))
+    return reduce_rows(row, valid | bad, reduction)
 
 
 def margin_softmax_loss(
@@ -739,16 +1698,16 @@ def margin_softmax_loss(
     ignore_index: int = -100,
     chunk_size: ChunkSize = "auto",
 ) -> Tensor:
-    r"""Margin softmax cross entropy with the margin on the target column only.
+    r"""Margin softmax cross entropy with the margin ``target_fn`` on the target column only.
 
-    Logits are :math:`z_{ij} = s\,\tilde x_i^\top \tilde w_j` for :math:`j \ne y_i` and
-    :math:`z_{iy_i} = \rho_i\, f(\cos\theta_{iy_i})` for the target, where
-    :math:`\tilde x` is :math:`x/\lVert x\rVert` if ``normalize_embeddings`` else :math:`x`,
-    :math:`\tilde w` likewise, and :math:`\rho_i = s\,(1\text{ or }\lVert x_i\rVert)
-    (1\text{ or }\lVert w_{y_i}\rVert)` so that :math:`f(\cos) = \cos` gives back
-    :math:`z_{iy_i} = s\,\tilde x_i^\top\tilde w_{y_i}`.  The loss is the cross entropy of
-    these logits with ``label_smoothing`` and ``ignore_index`` as in
-    :class:`torch.nn.CrossEntropyLoss` (an all-ignored batch gives 0, not NaN).
+    The 0.1 functional form of :func:`margin_loss` for a margin that needs only the cosine:
+    logits :math:`z_{ij} = s\,\tilde x_i^\top \tilde w_j` for :math:`j \ne y_i` and
+    :math:`z_{iy_i} = \rho_i\, f(\cos\theta_{iy_i})` for the target, where :math:`\tilde x`
+    is :math:`x/\lVert x\rVert` if ``normalize_embeddings`` else :math:`x`, :math:`\tilde w`
+    likewise, and :math:`\rho_i = s\,(1\text{ or }\lVert x_i\rVert)(1\text{ or }\lVert
+    w_{y_i}\rVert)`.  The loss is the cross entropy of these logits with ``label_smoothing``
+    and ``ignore_index`` as in :class:`torch.nn.CrossEntropyLoss` (an all-ignored batch gives
+    0, not NaN).
 
     Parameters
     ----------
@@ -759,12 +1718,11 @@ def margin_softmax_loss(
     labels : Tensor
         ``[B]`` integer class indices in ``[0, C)`` or ``ignore_index``.
     target_fn : callable
-        The head's margin transform :math:`f`, applied to the ``[B]`` target cosines; it must
-        be differentiable by autograd (the plain path differentiates it).
+        The head's margin transform :math:`f`, applied to the ``[B]`` target cosines in
+        ordinary autograd, so anything it captures gets its exact gradient on every path.
     target_grad : callable, optional
-        Its derivative :math:`f'` (elementwise).  With it the chunked engine's backward is
-        closed-form and traceable by ``torch.compile``; without it the chunked backward
-        differentiates ``target_fn`` with :func:`torch.autograd.grad` (eager only).
+        Accepted for compatibility with 0.1 and not needed: autograd differentiates
+        ``target_fn`` on the ``[B]`` target cosines.
     scale : float, default 1.0
         :math:`s`.
     normalize_embeddings, normalize_weight : bool, default True
@@ -774,8 +1732,9 @@ def margin_softmax_loss(
     ignore_index : int, default -100
     chunk_size : int, "auto" or None, default "auto"
         ``None`` runs plain autograd over the full ``[B, C]`` logits; an int runs the
-        chunked engine with that many classes per chunk; ``"auto"`` runs the chunked engine
-        with :func:`default_chunk_size`.  The chunked engine is not twice differentiable.
+        chunked engine with that many classes per chunk; ``"auto"`` picks the plain path for
+        small problems (:func:`plain_path_elements`) and the chunked engine with
+        :func:`default_chunk_size` otherwise.  Every path is twice differentiable.
 
     Returns
     -------
@@ -794,49 +1753,13 @@ def margin_softmax_loss(
     True
     >>> loss.backward()
     """
-    V.check_embeddings(embeddings)
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        described = (
-            f"shape {tuple(weight.shape)} dtype {weight.dtype}"
-            if isinstance(weight, Tensor)
-            else type(weight).__name__
-        )
-        raise ValueError(f"weight must be a floating [num_classes, embedding_dim] tensor, got {described}")
-    if weight.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"embeddings must have shape [batch, {weight.shape[1]}] to match weight "
-            f"{tuple(weight.shape)}, got shape {tuple(embeddings.shape)}"
-        )
-    num_classes = weight.shape[0]
-    labels = V.check_labels(labels, embeddings.shape[0], num_classes, ignore_index)
-    V.check_same_device(embeddings=embeddings, weight=weight, labels=labels)
-    V.check_choice("reduction", reduction, _REDUCTIONS)
-    label_smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    chunk = V.check_chunk_size(chunk_size)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    del target_grad  # autograd differentiates target_fn on O(B) tensors
 
-    valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    if chunk is None:
-        lse_rest, sum_rest = _plain_parts(
-            embeddings, weight, safe_labels, scale, normalize_embeddings, normalize_weight,
-            label_smoothing > 0.0,
-        )
-        compute = lse_rest.dtype
-        # O(B·D) target path in float64: sin θ near θ = 0 from an fp32 cos is pure rounding.
-        wide = _wide_dtype(embeddings.device)
-        cos, radius = _target_cos_radius(
-            embeddings.to(wide), weight[safe_labels].to(wide), scale, normalize_embeddings, normalize_weight,
-        )
-        target_logit = (radius * target_fn(cos)).to(compute)
-        row = _row_loss(lse_rest, sum_rest, target_logit, num_classes, label_smoothing)
-    else:
-        width = default_chunk_size(embeddings.shape[0], num_classes, embeddings.device) if chunk == "auto" else int(chunk)
-        cfg = _Config(
-            target_fn, float(scale), normalize_embeddings, normalize_weight, label_smoothing,
-            num_classes, min(width, num_classes), target_grad,
-            keep_blocks=_wants_gradient(embeddings, weight),
-        )
-        row = _ChunkedMarginSoftmax.apply(embeddings, weight, safe_labels, valid, cfg)
-    return _reduce(row, valid, reduction)
+    def target(cos: Tensor, context: MarginContext) -> Tensor:
+        return target_fn(cos)
+
+    return margin_loss(
+        embeddings, weight, labels, target, scale=scale, normalize_embeddings=normalize_embeddings,
+        normalize_weight=normalize_weight, reduction=reduction, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+    )

@@ -18,7 +18,6 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from marginloss._validation import (
@@ -30,7 +29,7 @@ from marginloss._validation import (
     check_same_device,
 )
 
-__all__ = ["batch_all", "batch_hard", "pairwise_distance", "semi_hard"]
+__all__ = ["batch_all", "batch_hard", "multi_similarity_miner", "pairwise_distance", "semi_hard"]
 
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 
@@ -53,10 +52,14 @@ def pairwise_distance(embeddings: Tensor, distance: str = "euclidean") -> Tensor
     The Euclidean forms use the Gram expansion
     :math:`\lVert x_i\rVert^2 + \lVert x_j\rVert^2 - 2 x_i^\top x_j` on mean-centred embeddings
     (distances are translation invariant, and centring shrinks the cancellation error),
-    clamped at 0.  ``"euclidean"`` takes a safe square root whose gradient at zero distance
+    clamped at 0, on the embeddings divided by a power of two near their largest entry and
+    scaled back (exact in any precision), so float32 norms from 1e-30 to 1e30 give the right
+    distances instead of overflowing or underflowing squares; a squared distance beyond
+    float32's range is ``inf``.  Cosine distances normalise each row after the same
+    scaling.  ``"euclidean"`` takes a safe square root whose gradient at zero distance
     is 0 instead of infinite.  The diagonal is exactly 0 for every distance.  The cosine
     distance is clamped to ``[0, 2]``; a zero embedding has cosine distance 1 to every other
-    embedding (``F.normalize`` maps it to the zero vector).  Half-precision inputs and inputs
+    embedding (it stays the zero vector, with a zero gradient).  Half-precision inputs and inputs
     under autocast are computed in ``float32``.
 
     Parameters
@@ -107,19 +110,73 @@ def _pairwise_distance(embeddings: Tensor, distance: str) -> Tensor:
     batch = embeddings.shape[0]
     diagonal = torch.eye(batch, dtype=torch.bool, device=embeddings.device)
     if distance == "cosine":
-        unit = F.normalize(embeddings, dim=1)
+        unit = _unit_rows(embeddings)
         dist = (1.0 - unit @ unit.T).clamp(0.0, 2.0)
+        return dist.masked_fill(diagonal, 0.0)
+    # Distances are homogeneous (D(x / s) = D(x) / s), so dividing by a power of two s near
+    # the largest |x| keeps every square in range: without it, norms above ~1e19 overflow
+    # and norms below ~1e-19 underflow to 0 in float32 (0.1 gave loss 0 at norm 1e20).
+    # s is a constant (no gradient), a power of two so the division is exact.
+    scale = _power_of_two_scale(embeddings)
+    scaled = embeddings / scale
+    centred = scaled - scaled.mean(dim=0, keepdim=True)
+    sq_norms = centred.pow(2).sum(dim=1)
+    dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (centred @ centred.T)).clamp_min(0.0)
+    if distance == "euclidean":
+        # d sqrt(s)/ds is infinite at s = 0; taking the root only where s > 0 makes the
+        # gradient at coincident points 0 (a valid subgradient) instead of inf * 0 = NaN.
+        nonzero = dist > 0
+        safe = torch.where(nonzero, dist, torch.ones_like(dist))
+        dist = torch.where(nonzero, safe.sqrt(), torch.zeros_like(dist)) * scale
     else:
-        centred = embeddings - embeddings.mean(dim=0, keepdim=True)
-        sq_norms = centred.pow(2).sum(dim=1)
-        dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (centred @ centred.T)).clamp_min(0.0)
-        if distance == "euclidean":
-            # d sqrt(s)/ds is infinite at s = 0; taking the root only where s > 0 makes the
-            # gradient at coincident points 0 (a valid subgradient) instead of inf * 0 = NaN.
-            nonzero = dist > 0
-            safe = torch.where(nonzero, dist, torch.ones_like(dist))
-            dist = torch.where(nonzero, safe.sqrt(), torch.zeros_like(dist))
+        # two products, not one by scale**2: 0 * s * s stays 0 where s**2 alone is inf
+        dist = dist * scale * scale
     return dist.masked_fill(diagonal, 0.0)
+
+
+def _scaled_pairwise_distance(embeddings: Tensor, distance: str) -> tuple[Tensor, Tensor]:
+    """``(dist_hat, scale)`` with ``D = dist_hat * scale`` (``* scale * scale`` for the
+    squared distance; ``scale = 1`` for cosine).  Losses that subtract two distances take
+    the difference on ``dist_hat`` and scale it afterwards, so distances that overflow
+    float32 (squared distances of norm-1e20 embeddings) give +-inf, never inf - inf = NaN."""
+    if distance == "cosine":
+        return _pairwise_distance(embeddings, distance), torch.ones(
+            (), dtype=embeddings.dtype, device=embeddings.device
+        )
+    scale = _power_of_two_scale(embeddings)
+    return _pairwise_distance(embeddings / scale, distance), scale
+
+
+def _unscale(value: Tensor, scale: Tensor, distance: str) -> Tensor:
+    """Undo :func:`_scaled_pairwise_distance`'s scaling of a distance or distance difference."""
+    if distance == "squared_euclidean":
+        return value * scale * scale  # 0 * s * s stays 0 where s * s alone overflows
+    return value * scale
+
+
+def _power_of_two_scale(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """Detached power of two within a factor 2 of ``max |tensor|`` (over ``dim``, or all);
+    1 where that maximum is 0.  No host synchronisation."""
+    magnitude = tensor.detach().abs()
+    if magnitude.numel() == 0:
+        return torch.ones((), dtype=tensor.dtype, device=tensor.device)
+    largest = magnitude.amax() if dim is None else magnitude.amax(dim=dim, keepdim=True)
+    exponent = torch.frexp(largest).exponent
+    power = torch.ldexp(torch.ones_like(largest), exponent)
+    return torch.where(largest > 0, power, torch.ones_like(largest))
+
+
+def _unit_rows(embeddings: Tensor) -> Tensor:
+    """Rows divided by their L2 norm; zero rows stay zero.  Each row is first brought near
+    unit scale by a power of two, so the norm neither overflows (|x| ~ 1e20) nor underflows
+    (|x| ~ 1e-25) in float32; the result and its gradient are those of ``x / ||x||``."""
+    scaled = embeddings / _power_of_two_scale(embeddings, dim=1)
+    squared = scaled.pow(2).sum(dim=1, keepdim=True)  # in [0.25, D] or exactly 0
+    nonzero = squared > 0
+    # A zero row stays zero with a zero gradient (F.normalize's eps gave it 1e12 times the
+    # upstream gradient); the inner where keeps sqrt away from 0, whose derivative is inf.
+    norm = torch.where(nonzero, squared, torch.ones_like(squared)).sqrt()
+    return torch.where(nonzero, scaled / norm, 0.0)
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
@@ -172,7 +229,9 @@ def _batch_all_mask(labels: Tensor) -> Tensor:
     return positive[:, :, None] & negative[:, None, :]
 
 
-def _semi_hard_selection(dist: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+def _semi_hard_selection(
+    dist: Tensor, labels: Tensor, margin: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """Per pair ``(a, p)``: the chosen negative (``[B, B]``) and whether the triplet is kept."""
     dist = dist.detach().contiguous()
     batch = dist.shape[0]
@@ -379,27 +438,112 @@ def semi_hard(dist: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tens
     return anchor, positive, negative_idx[anchor, positive]
 
 
-def _check_miner_inputs(dist: object, labels: object) -> tuple[Tensor, Tensor]:
+def _check_miner_inputs(
+    dist: object, labels: object, name: str = "dist"
+) -> tuple[Tensor, Tensor]:
+    kind = "similarity" if name == "similarity" else "distance"
     if not isinstance(dist, Tensor):
-        raise TypeError(f"dist must be a torch.Tensor, got {type(dist).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(dist).__name__}")
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
         raise ValueError(
-            f"dist must be a square [batch, batch] distance matrix, got shape {tuple(dist.shape)}"
+            f"{name} must be a square [batch, batch] {kind} matrix, got shape {tuple(dist.shape)}"
         )
     if not dist.is_floating_point():
-        raise TypeError(f"dist must be a floating-point tensor, got dtype {dist.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {dist.dtype}")
     if _check_values() and dist.numel() > 0 and not bool(torch.isfinite(dist).all()):
         bad = int((~torch.isfinite(dist)).sum())
         raise ValueError(
-            f"dist must be finite, got {bad} NaN/inf value(s) in a tensor of shape "
+            f"{name} must be finite, got {bad} NaN/inf value(s) in a tensor of shape "
             f"{tuple(dist.shape)}"
         )
     batch = dist.shape[0]
     if isinstance(labels, Tensor) and tuple(labels.shape) != (batch,):
         raise ValueError(
-            f"labels must have shape [{batch}] to match dist of shape {tuple(dist.shape)}, "
+            f"labels must have shape [{batch}] to match {name} of shape {tuple(dist.shape)}, "
             f"got shape {tuple(labels.shape)}"
         )
     checked = check_labels(labels, batch)
-    check_same_device(dist=dist, labels=checked)
+    check_same_device(**{name: dist, "labels": checked})
     return dist, checked
+
+
+def multi_similarity_miner(
+    similarity: Tensor, labels: Tensor, epsilon: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Multi-similarity pair mining: keep the pairs that violate the hardest opposite pair.
+
+    For anchor :math:`i` with similarities :math:`S_{ik}` (larger = more similar),
+
+    .. math::
+
+        \mathcal N_i = \{k : y_k \ne y_i,\; S_{ik} > \min_{y_j = y_i,\, j \ne i} S_{ij} - \epsilon\},
+        \qquad
+        \mathcal P_i = \{j : y_j = y_i,\, j \ne i,\; S_{ij} < \max_{y_k \ne y_i} S_{ik} + \epsilon\}
+
+    The mining step of Wang, Han, Huang, Dong & Scott, "Multi-Similarity Loss with General
+    Pair Weighting for Deep Metric Learning", CVPR 2019 (their Eqs. 12 and 13): a negative
+    is kept when it is more similar than the least similar positive minus :math:`\epsilon`,
+    a positive when it is less similar than the most similar negative plus :math:`\epsilon`.
+    An anchor without positives keeps no negative (the minimum over no positive is
+    :math:`+\infty`), one without negatives keeps no positive.  The output is the pair
+    tuple :class:`marginloss.MultiSimilarityLoss` (and every pair loss) accepts.
+
+    Parameters
+    ----------
+    similarity : Tensor
+        ``[B, B]`` floating-point similarity matrix, finite, e.g. the cosine similarity
+        ``1 - pairwise_distance(embeddings, "cosine")``.
+    labels : Tensor
+        ``[B]`` integer class labels.
+    epsilon : float, default 0.1
+        :math:`\epsilon \ge 0` (the paper's value).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(anchor_positive, positive, anchor_negative, negative)``, ``int64``, the kept
+        positive and negative pairs in row-major order.
+
+    Raises
+    ------
+    TypeError
+        If ``similarity`` is not a floating-point tensor, ``labels`` not an integer tensor,
+        or ``epsilon`` not a real number.
+    ValueError
+        If ``similarity`` is not square or not finite, ``labels`` does not have shape
+        ``[B]``, the two are on different devices, or ``epsilon < 0``.
+
+    Shape:
+        - similarity: :math:`(B, B)`
+        - labels: :math:`(B)`
+        - output: two tensors of shape :math:`(P)`, two of shape :math:`(N)`
+
+    Examples
+    --------
+    >>> import torch
+    >>> from marginloss.miners import multi_similarity_miner
+    >>> similarity = torch.tensor([[1.0, 0.9, 0.2, 0.85],
+    ...                            [0.9, 1.0, 0.3, 0.1],
+    ...                            [0.2, 0.3, 1.0, 0.5],
+    ...                            [0.85, 0.1, 0.5, 1.0]])
+    >>> labels = torch.tensor([0, 0, 1, 1])
+    >>> # anchor 0: positive 1 (0.9 < 0.85 + 0.1) and negative 3 (0.85 > 0.9 - 0.1) kept;
+    >>> # anchors 1 and 2 keep nothing (their negatives are all easy); anchor 3 keeps
+    >>> # positive 2 (0.5 < 0.85 + 0.1) and negative 0 (0.85 > 0.5 - 0.1)
+    >>> multi_similarity_miner(similarity, labels)
+    (tensor([0, 3]), tensor([1, 2]), tensor([0, 3]), tensor([3, 0]))
+    """
+    similarity, labels = _check_miner_inputs(similarity, labels, name="similarity")
+    epsilon = check_float("epsilon", epsilon, low=0.0)
+    similarity = similarity.detach()
+    positive, negative = _label_masks(labels)
+    if similarity.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=similarity.device)
+        return empty, empty, empty, empty
+    hardest_positive = similarity.masked_fill(~positive, torch.inf).amin(dim=1, keepdim=True)
+    hardest_negative = similarity.masked_fill(~negative, -torch.inf).amax(dim=1, keepdim=True)
+    kept_negative = negative & (similarity > hardest_positive - epsilon)
+    kept_positive = positive & (similarity < hardest_negative + epsilon)
+    anchor_p, positive_idx = kept_positive.nonzero(as_tuple=True)
+    anchor_n, negative_idx = kept_negative.nonzero(as_tuple=True)
+    return anchor_p, positive_idx, anchor_n, negative_idx

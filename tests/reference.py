@@ -134,3 +134,71 @@ def describe_difference(actual: Tensor, expected: Tensor) -> str:
 def assert_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: float, what: str = "") -> None:
     ok = torch.allclose(actual.detach().double(), expected.detach().double(), rtol=rtol, atol=atol)
     assert ok, f"{what}: {describe_difference(actual, expected)}"
+
+
+# ---------------------------------------------------------------- derivatives d f / d cos θ
+# Written from the angle form: d/dcos h(θ) = -h'(θ) / sin θ with θ = acos(cos).
+
+
+def arcface_slope(cos: Tensor, margin: float, easy_margin: bool) -> Tensor:
+    theta = torch.acos(cos)
+    shifted = torch.sin(theta + margin) / torch.sin(theta)
+    keep = cos > 0 if easy_margin else theta + margin <= math.pi
+    return torch.where(keep, shifted, torch.ones_like(cos))
+
+
+def combined_margin_slope(cos: Tensor, m1: float, m2: float) -> Tensor:
+    theta = torch.acos(cos)
+    return m1 * torch.sin(m1 * theta + m2) / torch.sin(theta)
+
+
+def sphereface_slope(cos: Tensor, m: int, lambda_: float) -> Tensor:
+    theta = torch.acos(cos)
+    k = torch.clamp(torch.floor(theta * m / math.pi), max=m - 1)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    psi_slope = sign * m * torch.sin(m * theta) / torch.sin(theta)
+    return (lambda_ + psi_slope) / (1.0 + lambda_)
+
+
+# ---------------------------------------------------------------- heads written on MarginHead
+
+
+def generic_head_loss(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: float | Tensor,
+    target,
+    non_target=None,
+    num_subcenters: int = 1,
+    form: str = "softmax",
+    bias: float | Tensor = 0.0,
+) -> Tensor:
+    """Row losses of a normalised head, one sample and one class at a time.
+
+    ``target(cos, i)`` and ``non_target(cos, i)`` see the (scalar) class cosine and the row;
+    a class's cosine is the max over its ``num_subcenters`` rows.
+    """
+    rows = []
+    classes = weight.shape[0] // num_subcenters
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        logits = []
+        for j in range(classes):
+            cosines = [
+                torch.dot(x[i], weight[j * num_subcenters + k]) / (x[i].norm() * weight[j * num_subcenters + k].norm())
+                for k in range(num_subcenters)
+            ]
+            cos = torch.stack(cosines).max()
+            if j == y:
+                logits.append(scale * target(cos, i) + bias)
+            else:
+                logits.append(scale * (non_target(cos, i) if non_target is not None else cos) + bias)
+        z = torch.stack(logits)
+        if form == "softmax":
+            rows.append(torch.logsumexp(z, dim=0) - z[y])
+        else:
+            rest = sum(torch.nn.functional.softplus(z[j]) for j in range(classes) if j != y)
+            rows.append(torch.nn.functional.softplus(-z[y]) + rest)
+    return torch.stack(rows)

@@ -371,6 +371,38 @@ def test_center_loss_sees_unit_vectors_beside_norm_free_heads() -> None:
     assert set(NORM_FREE_HEADS) == {"arcface", "cosface", "combined", "normface"}
 
 
+@pytest.mark.parametrize("extra", [["--loss", "multi_similarity", "--head", "arcface"],
+                                   ["--loss", "soft_triple", "--loss-only"]], ids=["joint", "alone"])
+def test_train_with_a_pair_loss_on_class_balanced_batches(toy_data: Path, tmp_path: Path, extra: list[str]) -> None:
+    argv = ["--data", str(toy_data), "--out", str(tmp_path), "--smoke", "--no-plot", "--samples-per-class", "2",
+            *extra, *FAST]
+    assert train.main(argv) == 0
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["args"]["loss"] == extra[1]
+    # SoftTriple's centres are trained and saved with the run
+    assert state["pair_state"] is not None
+    assert ("criterion.weight" in state["pair_state"]) == (extra[1] == "soft_triple")
+
+
+def test_pair_loss_needs_room_for_pairs(toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data", str(toy_data), "--out", str(tmp_path), "--smoke", "--no-plot", "--loss", "triplet",
+            "--samples-per-class", "1", *FAST]
+    assert train.main(argv) == 2
+    assert "--loss needs --samples-per-class >= 2" in capsys.readouterr().err
+
+
+def test_a_pair_loss_run_resumes_exactly(toy_data: Path, tmp_path: Path) -> None:
+    common = ["--data", str(toy_data), "--no-plot", "--epochs", "2", "--loss", "triplet", "--samples-per-class", "2",
+              "--max-steps-per-epoch", "2", *FAST]
+    assert train.main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, split[name]), name
+
+
 # --- what a newcomer hit (issue #15) ---------------------------------------------------------
 
 

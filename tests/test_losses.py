@@ -707,3 +707,57 @@ def test_losses_trace_without_graph_breaks():
     compiled_module = torch.compile(module, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled_module(embeddings, labels), reference(embeddings, labels))
     torch.testing.assert_close(module.centers, reference.centers)
+
+
+# ---------------------------------------------------------------- issue 12: no silent wrong answers
+
+
+@pytest.mark.parametrize("alpha", [None, 0.5])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_center_loss_non_finite_centers_raise_naming_the_rows(alpha, bad):
+    criterion = CenterLoss(4, 5, alpha=alpha)
+    with torch.no_grad():
+        criterion.centers[1, 2] = bad
+        criterion.centers[3] = bad
+    embeddings, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    message = r"centers must be finite, got 2 of 5 row\(s\) with NaN/inf values \(e.g. classes \[1, 3\]\)"
+    with pytest.raises(ValueError, match=message):
+        criterion(embeddings, labels)
+    with pytest.raises(ValueError, match=message):
+        center_loss(embeddings, labels, criterion.centers.detach())
+    # switched off, the check (and its device sync) is skipped: the loss is then NaN/inf
+    with validation(False):
+        assert not torch.isfinite(criterion(embeddings, labels))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25, 1e30, 1e-30])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("mining", MININGS)
+def test_triplet_loss_is_right_at_extreme_norms_in_float32(scale, distance, mining):
+    # 0.1 gave loss 0 at norm 1e20 (squares overflow) and at 1e-25 (squares underflow)
+    embeddings, labels = make_batch(3, 10, 4, 3)
+    margin = 0.1 if distance == "cosine" else 0.3 * scale
+    expected = ref.triplet_loss(
+        embeddings * scale, labels, margin=margin, mining=mining, distance_kind=distance,
+        soft=False, reduction="mean",
+    )
+    low = (embeddings * scale).float().requires_grad_(True)
+    loss = triplet_loss(low, labels, margin=margin, mining=mining, distance=distance)
+    assert expected.item() > 0
+    assert not torch.isnan(loss)
+    if expected.item() > 3e38:  # squared distances of norm-1e20 embeddings: beyond float32
+        assert loss.item() == float("inf")
+        return
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0.0)
+    loss.backward()
+    assert torch.isfinite(low.grad).all()
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_pairwise_distance_extreme_norms_in_float32(scale):
+    embeddings, _ = make_batch(4, 6, 3, 1)
+    for distance in ("euclidean", "cosine"):
+        expected = ref.distance_matrix(embeddings * scale, distance)
+        got = pairwise_distance((embeddings * scale).float(), distance).double()
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 if distance == "cosine" else 0.0)

@@ -31,7 +31,11 @@ import pytest
 pytestmark = pytest.mark.xdist_group("packaging")
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("__init__", "_validation", "distributed", "functional", "fused", "heads", "losses", "metrics", "miners")
+HEAD_FILES = ("__init__", "_common", "base", "arcface", "combined_margin", "cosface", "lsoftmax", "normface", "sphereface")
+MODULES = (
+    "__init__", "_validation", "distributed", "functional", "fused", "sharding", "samplers", "losses/__init__", "metrics", "miners",
+    *(f"heads/{name}" for name in HEAD_FILES),
+)
 
 
 def _source_version() -> str:

@@ -70,6 +70,15 @@ EXTERNAL_OBJECTS: dict[str, dict[tuple[str, str], str]] = {
         **{("py:class", f"torch.nn.{name}"): f"generated/torch.nn.{name}.html#torch.nn.{name}"
            for name in ("Module", "Linear", "CrossEntropyLoss", "BatchNorm1d", "Sequential")},
         ("py:class", "torch.nn.Parameter"): "generated/torch.nn.parameter.Parameter.html",
+        ("py:class", "Parameter"): "generated/torch.nn.parameter.Parameter.html",
+        ("py:class", "torch.utils.data.DataLoader"): "data.html#torch.utils.data.DataLoader",
+        ("py:class", "torch.utils.data.distributed.DistributedSampler"):
+            "data.html#torch.utils.data.distributed.DistributedSampler",
+        ("py:method", "torch.utils.data.distributed.DistributedSampler.set_epoch"):
+            "data.html#torch.utils.data.distributed.DistributedSampler",
+        ("py:function", "torch.utils.checkpoint.checkpoint"): "checkpoint.html#torch.utils.checkpoint.checkpoint",
+        ("py:function", "torch.distributed.init_process_group"):
+            "distributed.html#torch.distributed.init_process_group",
         ("py:class", "torch.nn.parallel.DistributedDataParallel"):
             "generated/torch.nn.parallel.DistributedDataParallel.html",
         **{("py:function", f"torch.nn.functional.{name}"):

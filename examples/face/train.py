@@ -11,6 +11,15 @@ embeddings for verification, both from the HW2P2 material:
   from the softmax class weights. To fine-tune a finished run, pass its checkpoint with
   ``--init runs/softmax/last.pt --epochs 0``.
 
+A pair or embedding loss from ``marginloss.losses`` (``--loss triplet``, ``contrastive``,
+``multi_similarity``, ...) trains the embeddings for direct comparison, as the HW2P2
+write-up's section 6.4 recommends for verification with unseen identities. Batches then
+come from ``marginloss.samplers.ClassBalancedBatchSampler`` (``--samples-per-class`` K
+images of ``batch-size / K`` identities). By default it is added to the head's loss with
+``--loss-weight`` (the write-up's "approach 1", joint optimisation); with ``--loss-only``
+the backbone learns from the pair loss alone and the head is trained on detached
+embeddings, as a linear probe that keeps the dev accuracy meaningful.
+
 Each stage uses AdamW (or SGD) with a linear warmup and cosine decay, label smoothing, and
 optionally mixed precision (``--amp bf16`` on CPU or CUDA, ``--amp fp16`` on CUDA with a
 gradient scaler). After every epoch the script evaluates dev classification accuracy and
@@ -67,6 +76,9 @@ from face.model import (
     save_checkpoint,
 )
 
+PAIR_LOSSES = ("triplet", "contrastive", "multi_similarity", "lifted_structure", "npair", "quadruplet",
+               "marginal", "soft_triple")
+
 METRIC_COLUMNS = ("epoch", "stage", "head", "lr", "train_loss", "train_acc", "dev_loss", "dev_acc", "epoch_time_s")
 
 
@@ -110,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="margins of --head combined: cos(m1*theta + m2) - m3")
     model.add_argument("--center-loss-weight", type=float, default=0.0, help="add this times marginloss.CenterLoss (0: off)")
     model.add_argument("--center-loss-alpha", type=float, default=None, help="CenterLoss alpha (None: centres learned by the optimiser)")
+    model.add_argument("--loss", default="none", choices=("none", *PAIR_LOSSES),
+                       help="pair/embedding loss from marginloss.losses, with class-balanced P x K batches")
+    model.add_argument("--loss-weight", type=float, default=1.0, help="weight of --loss added to the head's loss")
+    model.add_argument("--loss-only", action="store_true",
+                       help="train the backbone with --loss alone (the head learns on detached embeddings)")
+    model.add_argument("--samples-per-class", type=int, default=4, help="K of the P x K batches used with --loss")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10, help="epochs of the first stage (0 with --init: fine-tune only)")
@@ -134,6 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, initialisation)")
     run.add_argument("--smoke", action="store_true", help="tiny run for CI: 1 epoch (+1 fine-tune epoch if asked) of 2 batches")
     return parser
+
+
+class PairLoss(nn.Module):
+    """The ``--loss`` criterion on a batch's embeddings (multi-similarity with its miner)."""
+
+    def __init__(self, name: str, embedding_dim: int, num_classes: int) -> None:
+        super().__init__()
+        import marginloss
+        from marginloss.miners import multi_similarity_miner, pairwise_distance
+
+        self.name = name
+        self._miner = multi_similarity_miner
+        self._distance = pairwise_distance
+        criteria: dict[str, Any] = {
+            "triplet": lambda: marginloss.TripletLoss(),
+            "contrastive": lambda: marginloss.ContrastiveLoss(),
+            "multi_similarity": lambda: marginloss.MultiSimilarityLoss(),
+            "lifted_structure": lambda: marginloss.LiftedStructureLoss(),
+            "npair": lambda: marginloss.NPairLoss(),
+            "quadruplet": lambda: marginloss.QuadrupletLoss(),
+            "marginal": lambda: marginloss.MarginalLoss(),
+            "soft_triple": lambda: marginloss.SoftTripleLoss(embedding_dim, num_classes),
+        }
+        self.criterion = criteria[name]()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.name == "multi_similarity":  # the paper's mining, then its weighting
+            similarity = 1 - self._distance(embeddings.detach(), "cosine")
+            return self.criterion(embeddings, labels, self._miner(similarity, labels))
+        return self.criterion(embeddings, labels)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -230,7 +278,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def train_one_epoch(
     backbone: nn.Module, head: nn.Module, center_loss: nn.Module | None, loader: DataLoader, steps: int,
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-    device: torch.device, args: argparse.Namespace, desc: str, head_name: str,
+    device: torch.device, args: argparse.Namespace, desc: str, head_name: str, pair_loss: nn.Module | None = None,
 ) -> tuple[float, float]:
     """One pass over at most ``steps`` batches; returns the mean loss and the training accuracy."""
     backbone.train()
@@ -245,7 +293,12 @@ def train_one_epoch(
             embeddings = backbone(images)
         # Heads run in float32: margins on cosines near 1 lose their meaning in 16 bits.
         embeddings = embeddings.float()
-        loss = head(embeddings, labels)
+        if pair_loss is not None and args.loss_only:
+            loss = head(embeddings.detach(), labels) + pair_loss(center_loss_input(head_name, embeddings), labels)
+        elif pair_loss is not None:
+            loss = head(embeddings, labels) + args.loss_weight * pair_loss(center_loss_input(head_name, embeddings), labels)
+        else:
+            loss = head(embeddings, labels)
         if center_loss is not None:
             loss = loss + args.center_loss_weight * center_loss(center_loss_input(head_name, embeddings), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -343,10 +396,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader_generator = torch.Generator().manual_seed(args.seed)
     pin = device.type == "cuda"
     # drop_last: a last batch of one sample would break the embedding's BatchNorm1d.
-    train_loader = DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, generator=loader_generator,
-        drop_last=len(train_set) > args.batch_size, persistent_workers=args.workers > 0, pin_memory=pin,
-    )
+    pair_sampler = None
+    if args.loss != "none":
+        from marginloss.samplers import ClassBalancedBatchSampler
+
+        if args.samples_per_class < 2 or args.batch_size < 2 * args.samples_per_class:
+            raise ValueError(f"--loss needs --samples-per-class >= 2 and --batch-size >= 2 * it, got "
+                             f"{args.samples_per_class} and {args.batch_size}")
+        # replacement: identities with fewer than K training images are still drawn
+        pair_sampler = ClassBalancedBatchSampler(
+            list(train_set.targets), args.batch_size // args.samples_per_class, args.samples_per_class,
+            replacement=True, num_batches=max(1, len(train_set) // args.batch_size), seed=args.seed,
+        )
+        train_loader = DataLoader(train_set, batch_sampler=pair_sampler, num_workers=args.workers,
+                                  persistent_workers=args.workers > 0, pin_memory=pin)
+    else:
+        train_loader = DataLoader(
+            train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, generator=loader_generator,
+            drop_last=len(train_set) > args.batch_size, persistent_workers=args.workers > 0, pin_memory=pin,
+        )
     dev_loader = DataLoader(dev_set, batch_size=2 * args.batch_size, num_workers=args.workers, pin_memory=pin)
     steps_per_epoch = len(train_loader) if args.max_steps_per_epoch is None else min(len(train_loader), args.max_steps_per_epoch)
 
@@ -359,6 +427,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         import marginloss
 
         center_loss = marginloss.CenterLoss(args.embedding_dim, len(classes), alpha=args.center_loss_alpha).to(device)
+
+    pair_loss: nn.Module | None = None
+    if args.loss != "none":
+        pair_loss = PairLoss(args.loss, args.embedding_dim, len(classes)).to(device)
 
     def new_head(name: str) -> nn.Module:
         kwargs = head_kwargs(name, scale=args.scale, margin=args.margin, combined_margins=args.combined_margins)
@@ -386,6 +458,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         head.load_state_dict(resume_state["head_state"])
         if center_loss is not None and resume_state.get("center_state") is not None:
             center_loss.load_state_dict(resume_state["center_state"])
+        if pair_loss is not None and resume_state.get("pair_state") is not None:
+            pair_loss.load_state_dict(resume_state["pair_state"])
         history = list(resume_state["history"])
         # Restored last, after every random initialisation above, so the continued run draws
         # the same augmentations and batch order as an uninterrupted one.
@@ -405,7 +479,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if copy_class_weights(previous, head):
                     print(f"fine-tuning: {stages[stage_index].head} head starts from the {stage.head} class weights")
             continue
-        modules = [backbone, head] + ([center_loss] if center_loss is not None else [])
+        modules = [backbone, head] + [m for m in (center_loss, pair_loss) if m is not None]
         optimizer = make_optimizer(args, modules, stage.lr)
         total_steps = stage.epochs * steps_per_epoch
         warmup_steps = min(total_steps, max(1, round(args.warmup_epochs * steps_per_epoch)))
@@ -420,9 +494,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 stage_index = len(stages)
                 break
             start = time.perf_counter()
+            if pair_sampler is not None:
+                pair_sampler.set_epoch(global_epoch)  # seeded per epoch: a resumed run draws the same batches
             train_loss, train_acc = train_one_epoch(
                 backbone, head, center_loss, train_loader, steps_per_epoch, optimizer, scheduler, scaler, device, args,
-                desc=f"epoch {global_epoch + 1} [{stage.head}]", head_name=stage.head,
+                desc=f"epoch {global_epoch + 1} [{stage.head}]", head_name=stage.head, pair_loss=pair_loss,
             )
             dev_loss, dev_acc = evaluate(backbone, head, dev_loader, device, args.amp)
             stage_epoch += 1
@@ -447,6 +523,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "label_smoothing": args.label_smoothing,
                 "model": backbone.state_dict(), "head_state": head.state_dict(),
                 "center_state": center_loss.state_dict() if center_loss is not None else None,
+                "pair_state": pair_loss.state_dict() if pair_loss is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "stage": stage_index, "stage_epoch": stage_epoch, "history": history, "rng": _rng_state(loader_generator),
             }, checkpoint_path)
