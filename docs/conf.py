@@ -130,6 +130,7 @@ myst_enable_extensions = ["dollarmath"]
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
 copybutton_only_copy_prompt_lines = True
+copybutton_line_continuation_character = "\\"  # a console line ending in \ continues below
 
 # ---------------------------------------------------------------- doctest
 # The guide's ``.. doctest::`` / ``.. testcode::`` blocks run here.  The ``>>>`` examples

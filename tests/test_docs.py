@@ -157,6 +157,12 @@ def test_conf_reads_the_version_from_the_package() -> None:
     assert "sphinx.ext.doctest" in namespace.extensions
     assert namespace.html_theme == "furo"
     assert namespace.nitpicky is True
+    # The copy button copies what a user types: prompts and output stay behind.
+    prompt = re.compile(namespace.copybutton_prompt_text)
+    for line, typed in ((">>> head(x, y)", "head(x, y)"), ("... y)", "y)"), ("$ make demo", "make demo")):
+        assert prompt.match(line) and line[prompt.match(line).end():] == typed, line
+    assert namespace.copybutton_only_copy_prompt_lines is True
+    assert namespace.copybutton_line_continuation_character == "\\"  # multi-line console commands
 
 
 def test_the_build_needs_no_network(docs_ext: ModuleType) -> None:
