@@ -1,10 +1,11 @@
 """The documentation: it builds with warnings as errors, its code runs, it covers the API.
 
-The Sphinx builds run in a subprocess into ``tmp_path`` (no network: no intersphinx).  The
-doctest build executes every ``.. doctest::`` / ``.. testcode::`` block of the guide; the
+The Sphinx builds run in a subprocess into ``tmp_path``, in nitpicky mode with warnings as
+errors and without a network (intersphinx reads inventories the local extension writes).
+The doctest build executes every ``.. doctest::`` / ``.. testcode::`` block of the guide; the
 ``>>>`` examples of the docstrings shown in the API pages run under pytest's
-``--doctest-modules`` in their own modules.  The local extension ``docs/_ext`` and the
-figure script are tested directly.
+``--doctest-modules`` in their own modules, and the README's quickstart runs here.  The
+local extension ``docs/_ext`` and the figure script are tested directly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from types import ModuleType
 import pytest
 
 import marginloss
+
+pytest.importorskip("sphinx", reason="the docs tests need the docs extras (pip install -e '.[docs]')")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -43,13 +46,13 @@ def docs_ext() -> ModuleType:
     return _load("marginloss_docs_under_test", DOCS / "_ext" / "marginloss_docs.py")
 
 
-def _sphinx(builder: str, out: Path, doctrees: Path) -> subprocess.CompletedProcess[str]:
+def _sphinx(builder: str, out: Path, doctrees: Path, source: Path = DOCS) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["PYTHONHASHSEED"] = "0"
     env["OMP_NUM_THREADS"] = "1"  # tiny examples; a thread pool on busy cores only waits
     return subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", builder,
-         "-d", str(doctrees), str(DOCS), str(out)],
+        [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-q", "-b", builder,
+         "-d", str(doctrees), str(source), str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
 
@@ -94,6 +97,25 @@ def test_html_build_has_no_warnings(tmp_path: Path) -> None:
     assert "decision_boundaries.png" in choosing
     assert marginloss.__version__ in (html / "index.html").read_text(encoding="utf-8")
 
+    # Math renders offline: MathJax is a local file, never a CDN address.
+    heads = (html / "guide" / "heads.html").read_text(encoding="utf-8")
+    script = re.search(r'<script[^>]+src="([^"]*tex-chtml\.js)[^"]*"', heads)
+    assert script is not None and "://" not in script.group(1), "MathJax is not served locally"
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert (html / "_static" / "copybutton.js").is_file()
+    # The result files are tables, not a literal block of Markdown.
+    benchmarks = (html / "guide" / "benchmarks.html").read_text(encoding="utf-8")
+    assert benchmarks.count("<table") >= 4 and "| method |" not in benchmarks
+    # Every paper on the References page links to arXiv or its DOI.
+    references = (html / "references.html").read_text(encoding="utf-8")
+    for key in ("1801.07698", "1801.09414", "1704.08063", "1612.02295", "1704.06369",
+                "10.1007/978-3-319-46478-7_31", "1503.03832", "1703.07737"):
+        assert key in references, key
+    # torch types link to the PyTorch documentation.
+    assert "https://docs.pytorch.org/docs/stable/tensors.html#torch.Tensor" in (html / "api" / "heads.html").read_text(encoding="utf-8")
+    for page in html.rglob("*.html"):
+        assert "mailto:" not in page.read_text(encoding="utf-8"), f"{page.name}: an address became a mailto link"
+
 
 # ---------------------------------------------------------------- sources
 
@@ -133,8 +155,24 @@ def test_conf_reads_the_version_from_the_package() -> None:
     namespace = _load("docs_conf_under_test", DOCS / "conf.py")
     assert namespace.release == marginloss.__version__
     assert "sphinx.ext.doctest" in namespace.extensions
-    assert "sphinx.ext.intersphinx" not in namespace.extensions  # the build needs no network
     assert namespace.html_theme == "furo"
+    assert namespace.nitpicky is True
+    # The copy button copies what a user types: prompts and output stay behind.
+    prompt = re.compile(namespace.copybutton_prompt_text)
+    for line, typed in ((">>> head(x, y)", "head(x, y)"), ("... y)", "y)"), ("$ make demo", "make demo")):
+        assert prompt.match(line) and line[prompt.match(line).end():] == typed, line
+    assert namespace.copybutton_only_copy_prompt_lines is True
+    assert namespace.copybutton_line_continuation_character == "\\"  # multi-line console commands
+
+
+def test_the_build_needs_no_network(docs_ext: ModuleType) -> None:
+    """Intersphinx reads local inventories (written by the extension), MathJax is local."""
+    namespace = _load("docs_conf_network", DOCS / "conf.py")
+    for name, (_, inventory) in namespace.intersphinx_mapping.items():
+        assert inventory is not None and "://" not in inventory, name
+        assert Path(inventory).parent == docs_ext.GENERATED, inventory
+        assert Path(inventory).stem in docs_ext.EXTERNAL_OBJECTS, inventory
+    assert "sphinx-mathjax-offline" in namespace.extensions
 
 
 def test_every_guide_page_is_in_the_toctree() -> None:
@@ -150,74 +188,66 @@ def test_every_guide_page_is_in_the_toctree() -> None:
 # ---------------------------------------------------------------- build-time steps
 
 
-def test_markdown_to_rst_converts_what_changelogs_and_results_use(docs_ext: ModuleType) -> None:
-    markdown = (
-        "# Changelog\n\n"
-        "## 0.2.0 (unreleased)\n\n"
-        "- Added `SubCenterArcFace` and [docs](https://example.org/docs).\n"
-        "- Fixed the *fallback* of **ArcFace**\n"
-        "  for m > 0.5.\n"
-        "  - nested detail\n\n"
-        "### Results\n\n"
-        "| method | time_ms | peak_mib |\n"
-        "|:--|--:|--:|\n"
-        "| `plain` | 12.5 | 100 |\n"
-        "| fused |  | 4 |\n\n"
-        "```bash\nmake bench\n```\n\n"
-        "![plot](cpu.png)\n"
-    )
-    rst = docs_ext.markdown_to_rst(markdown, image_prefix="/_generated/benchmarks/")
-    assert docs_ext.rst_problems(rst) == []
-    assert "Changelog\n=========" in rst
-    assert "0.2.0 (unreleased)\n------------------" in rst
-    assert "Results\n~~~~~~~" in rst
-    assert "``SubCenterArcFace``" in rst and "`docs <https://example.org/docs>`__" in rst
-    assert ".. list-table::" in rst and "   * - ``plain``" in rst and "     - 12.5" in rst
-    assert ".. code:: bash" in rst and "   make bench" in rst
-    assert ".. image:: /_generated/benchmarks/cpu.png" in rst
+def test_inventories_resolve_the_external_names(docs_ext: ModuleType, tmp_path: Path) -> None:
+    from sphinx.util.inventory import InventoryFile
+
+    data = docs_ext.inventory_bytes("torch", docs_ext.EXTERNAL_OBJECTS["torch"])
+    (tmp_path / "torch.inv").write_bytes(data)
+    with open(tmp_path / "torch.inv", "rb") as stream:
+        inventory = InventoryFile.load(stream, "https://docs.pytorch.org/docs/stable", lambda *parts: "/".join(parts))
+    entries = inventory.data if hasattr(inventory, "data") else inventory
+    classes = entries["py:class"]
+    tensor = classes["torch.Tensor"]
+    address = tensor.uri if hasattr(tensor, "uri") else tensor[2]
+    assert address == "https://docs.pytorch.org/docs/stable/tensors.html#torch.Tensor"
+    assert "torch.nn.functional.cross_entropy" in entries["py:function"]
+    python = docs_ext.inventory_bytes("python", docs_ext.EXTERNAL_OBJECTS["python"])
+    assert python.startswith(b"# Sphinx inventory version 2\n# Project: python\n")
 
 
-def test_markdown_headings_are_renumbered_from_the_top_level(docs_ext: ModuleType) -> None:
-    rst = docs_ext.markdown_to_rst("### Deep\n\ntext\n\n#### Deeper\n", top_level=1)
-    assert rst.startswith("Deep\n----\n")
-    assert "Deeper\n~~~~~~" in rst
-
-
-def test_markdown_that_does_not_convert_is_shown_verbatim(docs_ext: ModuleType) -> None:
-    broken = "| a | b |\n|---|---|\n| `unclosed | x |\n\n*dangling emphasis\n"
-    assert docs_ext.rst_problems(docs_ext.markdown_to_rst(broken))  # docutils objects
-    rst = docs_ext.convert_or_literal(broken)
-    assert docs_ext.rst_problems(rst) == []
-    assert rst.startswith("::") and "   *dangling emphasis" in rst
-
-
-def test_benchmark_page_without_results_says_how_to_make_them(docs_ext: ModuleType, tmp_path: Path) -> None:
-    rst, images = docs_ext.benchmark_include(tmp_path / "missing")
-    assert (rst, images) == ("", [])
-
-
-def test_benchmark_page_includes_tables_and_unreferenced_plots(docs_ext: ModuleType, tmp_path: Path) -> None:
+def test_benchmark_page_includes_every_result_file_as_markdown(docs_ext: ModuleType, tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
-    (results / "cpu.md").write_text("| C | time_ms |\n|---|---|\n| 1k | 3.0 |\n")
-    (results / "cpu-quick.md").write_text("| C | time_ms |\n|---|---|\n| 1k | 9.9 |\n")
-    (results / "cpu.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    (results / "distributed_memory.md").write_text("# Per rank\n\nfull run\n")
-    (results / "distributed_memory_quick.md").write_text("# Per rank\n\nquick run\n")
-    rst, images = docs_ext.benchmark_include(results, prefix="/_generated/benchmarks/")
-    assert docs_ext.rst_problems(rst) == []
-    assert "benchmarks/results/cpu.md" in rst and "3.0" in rst
-    assert "9.9" not in rst and "quick run" not in rst  # superseded by the full runs
-    assert "full run" in rst
+    for name in ("cpu.md", "cpu-quick.md", "distributed_memory.md", "distributed_memory_quick.md", "cpu.png"):
+        (results / name).write_text("x")
+    rst = docs_ext.benchmark_include(results, prefix="/_generated/benchmarks/")
+    includes = re.findall(r"^\.\. include:: (\S+)\n   :parser: myst_parser\.sphinx_$", rst, flags=re.MULTILINE)
+    assert [Path(path).name for path in includes] == ["cpu.md", "distributed_memory.md"]  # quick runs superseded
     assert ".. figure:: /_generated/benchmarks/cpu.png" in rst
-    assert [image.name for image in images] == ["cpu.png"]
+    assert docs_ext.benchmark_include(tmp_path / "missing") == ""
 
 
-def test_benchmark_report_with_a_missing_image_is_shown_verbatim(docs_ext: ModuleType, tmp_path: Path) -> None:
-    (tmp_path / "gpu.md").write_text("# GPU\n\n![plot](../elsewhere.png)\n")
-    rst, images = docs_ext.benchmark_include(tmp_path)
-    assert docs_ext.rst_problems(rst) == [] and images == []
-    assert "::" in rst and ".. image::" not in rst
+_MINI_CONF = 'extensions = ["myst_parser"]\n'
+
+
+def _mini_project(tmp_path: Path, docs_ext: ModuleType, markdown: str) -> Path:
+    """A one-page Sphinx project whose page includes ``markdown`` as a results file."""
+    source, results = tmp_path / "src", tmp_path / "results"
+    results.mkdir()
+    (results / "cpu.md").write_text(markdown, encoding="utf-8")
+    source.mkdir()
+    (source / "conf.py").write_text(_MINI_CONF)
+    include = docs_ext.benchmark_include(results, prefix="/_generated/", source_dir=source)
+    (source / "index.rst").write_text("Results\n=======\n\n" + include)
+    return source
+
+
+def test_a_results_file_with_stars_and_tables_builds_into_tables(docs_ext: ModuleType, tmp_path: Path) -> None:
+    """The provenance line that broke the old hand-written converter (a ``*``) is plain Markdown."""
+    markdown = ("# cpu\n\n`heads.py`, commit abc (marginloss/*.py sha256 0ed9), 2 * 3 cores.\n\n"
+                "| C | time_ms |\n|---:|---:|\n| 1k | 3.0 |\n")
+    source = _mini_project(tmp_path, docs_ext, markdown)
+    result = _sphinx("html", tmp_path / "html", tmp_path / "doctrees", source)
+    assert result.returncode == 0, _explain(result)
+    page = (tmp_path / "html" / "index.html").read_text(encoding="utf-8")
+    assert "<table" in page and "marginloss/*.py" in page
+
+
+def test_a_results_file_that_does_not_parse_fails_the_build(docs_ext: ModuleType, tmp_path: Path) -> None:
+    source = _mini_project(tmp_path, docs_ext, "# cpu\n\n```{no-such-directive}\nx\n```\n")
+    result = _sphinx("html", tmp_path / "html", tmp_path / "doctrees", source)
+    assert result.returncode != 0, "a broken results file must fail a -W build"
+    assert "no-such-directive" in result.stderr, result.stderr[-2000:]
 
 
 def test_shape_sections_become_numpy_sections(docs_ext: ModuleType) -> None:
@@ -248,3 +278,55 @@ def test_figure_regions_match_the_heads_geometry() -> None:
     softmax = script.decision_regions(heads["softmax"], torch.tensor([0.5]), torch.tensor([0.4]))
     assert softmax.tolist() == [1]
     assert math.isclose(float(heads["cosface"](torch.tensor(0.5, dtype=torch.float64))), 0.15)
+
+
+def _readme_python() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```$", readme, flags=re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 1, f"expected the one quickstart block in README.md, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_readme_quickstart_learns_a_small_problem() -> None:
+    """The README's recipe runs as printed and reaches well above chance (0.1) on 10 classes."""
+    result = subprocess.run([sys.executable, "-c", _readme_python()], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    printed = re.search(r"loss ([\d.]+), train accuracy ([\d.]+)", result.stdout)
+    assert printed is not None, result.stdout
+    assert float(printed.group(2)) >= 0.9, result.stdout
+
+
+def test_readme_quickstart_without_the_normalisation_layer_stays_at_chance() -> None:
+    """What the README says happens without BatchNorm1d on the embedding is what happens."""
+    code = _readme_python()
+    layer = "    nn.BatchNorm1d(embedding_dim),  # normalise the embedding: without it, the head stalls\n"
+    assert layer in code
+    result = subprocess.run([sys.executable, "-c", code.replace(layer, "")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    printed = re.search(r"train accuracy ([\d.]+)", result.stdout)
+    assert printed is not None and float(printed.group(1)) < 0.3, result.stdout
+
+
+def test_word_at_word_is_not_an_email_link(docs_ext: ModuleType) -> None:
+    from docutils import nodes
+    from docutils.core import publish_doctree
+
+    doctree = publish_doctree("TAR@FAR at 1e-3; write to someone@example.org.")
+    docs_ext._unlink_non_addresses(None, doctree)
+    links = [node["refuri"] for node in doctree.findall(nodes.reference)]
+    assert links == ["mailto:someone@example.org"], links
+    assert "TAR@FAR" in doctree.astext()
+
+
+def test_pending_nitpick_entries_are_still_needed() -> None:
+    """docs/nitpick-pending.txt only lists references whose source still contains them."""
+    sources = "\n".join(path.read_text(encoding="utf-8")
+                        for pattern in ("marginloss/**/*.py", "docs/**/*.rst")
+                        for path in ROOT.glob(pattern) if "_build" not in path.parts)
+    pending = [line.split(None, 1) for line in (DOCS / "nitpick-pending.txt").read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert all(len(entry) == 2 and entry[0].startswith("py:") for entry in pending), pending
+    stale = [f"{role} {target}" for role, target in pending if target.strip("`") not in sources]
+    assert not stale, f"fixed at their source, delete from docs/nitpick-pending.txt: {stale}"

@@ -23,6 +23,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
+pytest.importorskip("torchvision", reason="the face example needs torchvision (the examples extras)")
+
 from face import demo, make_toy_faces, train, verify  # noqa: E402
 from face.data import DataLayoutError, channel_stats  # noqa: E402
 
@@ -399,3 +401,100 @@ def test_a_pair_loss_run_resumes_exactly(toy_data: Path, tmp_path: Path) -> None
     split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     for name, tensor in straight.items():
         assert torch.equal(tensor, split[name]), name
+
+
+# --- what a newcomer hit (issue #15) ---------------------------------------------------------
+
+
+def test_train_checks_the_verification_layout_before_training(toy_data: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    root = _copy(toy_data, tmp_path)
+    shutil.rmtree(root / "verification" / "unknown_test")
+    out = tmp_path / "run"
+    _fails(capsys, train.main(["--data", str(root), "--out", str(out), "--epochs", "1", *FAST]),
+           str(root / "verification" / "unknown_test"))
+    assert not (out / "last.pt").exists(), "trained before finding the layout incomplete"
+
+
+def test_a_corrupt_checkpoint_says_what_is_wrong(toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 not really a checkpoint" * 4)
+    _fails(capsys, verify.main(["--data", str(toy_data), "--checkpoint", str(checkpoint), "--no-progress"]),
+           str(checkpoint), "truncated, corrupt or not a torch checkpoint")
+
+
+def test_verify_names_the_identity_folders_that_differ(trained: Path, toy_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    root = _copy(toy_data, tmp_path)
+    dev = root / "classification" / "dev"
+    first = sorted(dev.iterdir())[0]
+    first.rename(dev / "n999997")
+    status = verify.main(["--data", str(root), "--checkpoint", str(trained / "last.pt"), "--out", str(tmp_path),
+                          "--no-progress"])
+    _fails(capsys, status, "holds other identity folders", "extra: n999997", f"missing: {first.name}")
+
+
+def test_toy_faces_smoke_writes_a_tiny_full_layout(tmp_path: Path) -> None:
+    root = tmp_path / "smoke"
+    assert make_toy_faces.main(["--out", str(root), "--smoke"]) == 0
+    from face.data import check_layout
+
+    check_layout(root)
+    identities = sorted(p.name for p in (root / "classification" / "train").iterdir())
+    assert len(identities) == make_toy_faces.SMOKE["num_identities"]
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal(toy_data: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    fast = [arg for arg in FAST if arg != "--no-progress"]
+    assert train.main(["--data", str(toy_data), "--out", str(tmp_path / "run"), "--smoke", "--no-plot", *fast]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err, err[-500:]
+
+
+def _readme_commands() -> dict[str, list[str]]:
+    readme = (EXAMPLES / "face" / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", readme, flags=re.DOTALL)
+    assert block is not None
+    commands = {}
+    for line in block.group(1).splitlines():
+        words = line.split("#")[0].split()
+        if len(words) > 2 and words[0] == "python" and words[1].startswith("examples/face/"):
+            commands[Path(words[1]).stem] = words[2:]
+    return commands
+
+
+def test_the_readme_commands_are_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/face/README.md's three commands train and verify with make demo's settings."""
+    commands = _readme_commands()
+    assert set(commands) == {"make_toy_faces", "train", "verify"}
+    defaults = demo.build_parser().parse_args([])
+    data_args = make_toy_faces.build_parser().parse_args(commands["make_toy_faces"])
+    signature = __import__("inspect").signature(make_toy_faces.generate).parameters
+    for name, parameter in signature.items():
+        if parameter.default is not parameter.empty and name != "seed":
+            assert getattr(data_args, name) == parameter.default, name  # the demo uses generate()'s defaults
+    ours = vars(train.build_parser().parse_args(commands["train"]))
+    theirs = vars(train.build_parser().parse_args([
+        "--data", ours["data"].as_posix(), "--out", ours["out"].as_posix(), "--backbone", defaults.backbone,
+        "--head", defaults.head, "--epochs", str(defaults.epochs), "--batch-size", str(defaults.batch_size),
+        "--lr", str(defaults.lr), "--threads", str(defaults.threads), "--workers", str(defaults.workers),
+        "--seed", str(defaults.seed),
+    ]))
+    assert ours == theirs
+    verify_args = verify.build_parser().parse_args(commands["verify"])
+    assert verify_args.threads == defaults.threads
+
+
+def test_demo_record_holds_the_figures_and_their_conditions(tmp_path: Path) -> None:
+    import json
+
+    record = tmp_path / "results" / "demo.json"
+    for _ in range(2):
+        assert demo.main(["--out", str(tmp_path / "demo"), "--smoke", "--record", str(record)]) == 0
+    runs = json.loads(record.read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["settings"]["smoke"] is True
+    for key in ("classification_dev_acc", "verification_dev_acc", "wall_s", "load_1min", "machine", "data"):
+        assert key in runs[0], key
+    assert runs[0]["machine"]["logical_cores"] >= 1 and runs[0]["data"]["num_identities"] == make_toy_faces.SMOKE["num_identities"]
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["wall_s"] == runs[1]["wall_s"]

@@ -87,7 +87,7 @@ def test_smoke_run_writes_every_promised_file(
     assert {(row["head"], row["embedding_dim"]) for row in results} == {
         (head, str(dim)) for head in DEFAULT_HEADS for dim in (2, 3)
     }
-    assert "total time" in capsys.readouterr().out
+    assert "total wall time" in capsys.readouterr().out
     # Tiny by design (a few hundred images, one epoch); generous for a loaded 2-core machine.
     assert elapsed < 120, f"the smoke run took {elapsed:.0f} s"
 
@@ -115,7 +115,7 @@ def test_help_lists_every_flag() -> None:
     assert completed.returncode == 0, completed.stderr
     for flag in ("--data", "--root", "--download", "--heads", "--epochs", "--batch-size", "--lr",
                  "--embedding-dims", "--scale", "--margin", "--out", "--seed", "--device",
-                 "--smoke"):  # fmt: skip
+                 "--smoke", "--threads", "--progress-every", "--record"):  # fmt: skip
         assert flag in completed.stdout, f"{flag} missing from --help"
 
 
@@ -158,3 +158,35 @@ def test_missing_torchvision_dataset_says_how_to_get_it(
     assert code == 1
     stderr = capsys.readouterr().err
     assert "--download" in stderr and "--data synthetic" in stderr, stderr
+
+
+def test_threads_progress_lines_and_the_results_record(
+    train_script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    record = tmp_path / "results.json"
+    argv = ["--data", "synthetic", "--smoke", "--heads", "softmax,arcface", "--embedding-dims", "2",
+            "--device", "cpu", "--threads", "1", "--progress-every", "1e-9", "--record", str(record)]
+    for name in ("a", "b"):
+        assert train_script.main([*argv, "--out", str(tmp_path / name)]) == 0
+    assert torch.get_num_threads() == before, "--threads leaked out of main()"
+    out = capsys.readouterr().out
+    # Within an epoch: "epoch 1/1  step 3/8  loss so far ... (0.1 s training this head)".
+    within = [line for line in out.splitlines() if " step " in line and "loss so far" in line]
+    assert within and all(line.endswith("s training this head)") for line in within), out[-2000:]
+    runs = json.loads(record.read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["threads"] == 1
+    assert [(row["head"], row["embedding_dim"]) for row in runs[0]["rows"]] == [("softmax", 2), ("arcface", 2)]
+    assert runs[0]["rows"][1]["scale"] is not None and 0.0 <= runs[0]["rows"][0]["test_acc"] <= 1.0
+    assert len(runs[0]["load_1min"]) == 2 and runs[0]["machine"]["logical_cores"] >= 1
+    assert "--record" not in runs[0]["command"] and runs[0]["command"].startswith("python examples/mnist_arcface/train.py")
+
+
+def test_negative_threads_are_refused(train_script: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_script.main(["--data", "synthetic", "--smoke", "--threads", "-1"])
+    assert "--threads must be >= 0, got -1" in capsys.readouterr().err

@@ -211,3 +211,18 @@ def test_installed_wheel_provides_every_public_name(wheel: Path, tmp_path: Path)
     assert report["count"] == len(__import__("marginloss").__all__)
     assert report["version"] == report["dist_version"] == _source_version()
     assert report["typed"]
+
+
+def test_the_declared_torch_floor_is_the_one_ci_tests() -> None:
+    """pyproject's ``torch>=X`` is the torch of ``make test-oldest`` (run by .ci/run), and the
+    install page says the same version."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    floor = re.search(r'dependencies = \["torch>=([\d.]+)"\]', pyproject)
+    assert floor is not None, "pyproject.toml: dependencies must be exactly torch>=X"
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    oldest = re.search(r"^TORCH_OLDEST := torch==([\d.]+)$", makefile, flags=re.MULTILINE)
+    assert oldest is not None, "Makefile: no TORCH_OLDEST := torch==X.Y.Z"
+    assert oldest.group(1).startswith(floor.group(1) + "."), (floor.group(1), oldest.group(1))
+    assert "make test-oldest" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    quickstart = (ROOT / "docs" / "guide" / "quickstart.rst").read_text(encoding="utf-8")
+    assert f"``torch`` ({floor.group(1)} or newer" in quickstart

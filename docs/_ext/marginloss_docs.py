@@ -2,27 +2,24 @@
 
 On ``builder-inited`` it writes into ``docs/_generated/`` (ignored by git):
 
-* ``changelog.rst.inc`` — ``CHANGELOG.md`` converted to reStructuredText, so the changelog
-  has one source and the docs need no Markdown parser;
-* ``benchmarks.rst.inc`` — every ``benchmarks/results/*.md`` converted the same way, with
-  the result plots copied next to it, or a note on how to produce them when there are none;
+* ``python.inv`` and ``torch.inv`` — intersphinx inventories of the Python and PyTorch
+  objects these pages refer to (:data:`EXTERNAL_OBJECTS`), so cross-references to
+  ``torch.Tensor`` or ``collections.abc.Callable`` resolve, link to the official pages and
+  are checked in nitpicky mode, with no network at build time;
+* ``benchmarks/`` — the plots of ``benchmarks/results/`` (the page includes the Markdown
+  tables themselves with myst-parser, so a file that does not parse fails the build);
 * ``decision_boundaries.png`` and ``target_logits.png`` — drawn by
   ``docs/scripts/decision_boundaries.py`` from :mod:`marginloss.functional` itself, redrawn
   only when the script or the functional module is newer than the figures.
-
-The Markdown converter handles what those files use (headings, paragraphs, bullet and
-numbered lists, pipe tables, fenced code, inline code, links, images, emphasis).  Its
-output is parsed with docutils before it is used; should anything not convert cleanly, the
-file is shown verbatim instead, so a new result format never breaks a ``-W`` build.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import re
 import tempfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,216 +31,81 @@ RESULTS = ROOT / "benchmarks" / "results"
 FIGURE_SCRIPT = DOCS / "scripts" / "decision_boundaries.py"
 FIGURES = ("decision_boundaries.png", "target_logits.png")
 
-_HEADING_CHARS = "=-~^\"'"
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_BULLET = re.compile(r"^(\s*)([-*+])\s+(.*)$")
-_NUMBERED = re.compile(r"^(\s*)(\d+)[.)]\s+(.*)$")
-_FENCE = re.compile(r"^\s*(```|~~~)\s*([\w+-]*)\s*$")
-_TABLE_SEPARATOR = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
-_IMAGE_LINE = re.compile(r"^\s*!\[([^\]]*)\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)\s*$")
+# ---------------------------------------------------------------- intersphinx inventories
+
+_PY_LIB = "library/"
+#: External objects the docs and docstrings name: inventory -> {(role, name): page#anchor}.
+#: The addresses are those of docs.python.org/3 and docs.pytorch.org/docs/stable; add a
+#: name here when nitpicky mode reports it unresolved.
+EXTERNAL_OBJECTS: dict[str, dict[tuple[str, str], str]] = {
+    "python": {
+        **{("py:class", name): f"{_PY_LIB}functions.html#{name}"
+           for name in ("int", "float", "str", "bool", "tuple", "list", "dict", "slice", "range")},
+        **{("py:data", name): f"{_PY_LIB}constants.html#{name}" for name in ("None", "True", "False")},
+        ("py:class", "None"): f"{_PY_LIB}constants.html#None",
+        **{("py:class", f"collections.abc.{name}"): f"{_PY_LIB}collections.abc.html#collections.abc.{name}"
+           for name in ("Callable", "Iterable", "Iterator", "Sequence", "Mapping")},
+        **{("py:exception", name): f"{_PY_LIB}exceptions.html#{name}"
+           for name in ("ValueError", "TypeError", "RuntimeError", "KeyError")},
+        ("py:class", "typing.Any"): f"{_PY_LIB}typing.html#typing.Any",
+        ("py:class", "pathlib.Path"): f"{_PY_LIB}pathlib.html#pathlib.Path",
+        ("py:function", "math.log"): f"{_PY_LIB}math.html#math.log",
+    },
+    "torch": {
+        ("py:class", "torch.Tensor"): "tensors.html#torch.Tensor",
+        # As the modules' annotations say it (``from torch import Tensor``).
+        ("py:class", "Tensor"): "tensors.html#torch.Tensor",
+        ("py:class", "ProcessGroup"): "distributed.html#groups",
+        ("py:class", "torch.device"): "tensor_attributes.html#torch.device",
+        ("py:class", "torch.dtype"): "tensor_attributes.html#torch.dtype",
+        ("py:class", "torch.Generator"): "generated/torch.Generator.html#torch.Generator",
+        ("py:class", "torch.autocast"): "amp.html#torch.autocast",
+        ("py:function", "torch.autocast"): "amp.html#torch.autocast",
+        ("py:function", "torch.compile"): "generated/torch.compile.html#torch.compile",
+        ("py:function", "torch.tensor_split"): "generated/torch.tensor_split.html#torch.tensor_split",
+        ("py:function", "torch.set_num_threads"): "generated/torch.set_num_threads.html#torch.set_num_threads",
+        ("py:function", "torch.autograd.grad"): "generated/torch.autograd.grad.html#torch.autograd.grad",
+        ("py:function", "torch.autograd.gradcheck"): "generated/torch.autograd.gradcheck.gradcheck.html",
+        ("py:class", "torch.autograd.Function"): "autograd.html#torch.autograd.Function",
+        **{("py:class", f"torch.nn.{name}"): f"generated/torch.nn.{name}.html#torch.nn.{name}"
+           for name in ("Module", "Linear", "CrossEntropyLoss", "BatchNorm1d", "Sequential")},
+        ("py:class", "torch.nn.Parameter"): "generated/torch.nn.parameter.Parameter.html",
+        ("py:class", "Parameter"): "generated/torch.nn.parameter.Parameter.html",
+        ("py:class", "torch.utils.data.DataLoader"): "data.html#torch.utils.data.DataLoader",
+        ("py:class", "torch.utils.data.distributed.DistributedSampler"):
+            "data.html#torch.utils.data.distributed.DistributedSampler",
+        ("py:method", "torch.utils.data.distributed.DistributedSampler.set_epoch"):
+            "data.html#torch.utils.data.distributed.DistributedSampler",
+        ("py:function", "torch.utils.checkpoint.checkpoint"): "checkpoint.html#torch.utils.checkpoint.checkpoint",
+        ("py:function", "torch.distributed.init_process_group"):
+            "distributed.html#torch.distributed.init_process_group",
+        ("py:class", "torch.nn.parallel.DistributedDataParallel"):
+            "generated/torch.nn.parallel.DistributedDataParallel.html",
+        **{("py:function", f"torch.nn.functional.{name}"):
+           f"generated/torch.nn.functional.{name}.html#torch.nn.functional.{name}"
+           for name in ("linear", "cross_entropy", "mse_loss", "normalize", "softmax")},
+        ("py:module", "torch.distributed"): "distributed.html#module-torch.distributed",
+        ("py:class", "torch.distributed.ProcessGroup"): "distributed.html#groups",
+        ("py:function", "torch.distributed.all_reduce"): "distributed.html#torch.distributed.all_reduce",
+    },
+}
 
 
-# ---------------------------------------------------------------- Markdown -> reST
-
-
-def _inline(text: str, image_prefix: str = "") -> str:
-    """Convert Markdown inline markup of one line to reST."""
-    pieces = re.split(r"(`+[^`]+?`+)", text)
-    out = []
-    for index, piece in enumerate(pieces):
-        if index % 2 == 1:  # a code span
-            code = piece.strip("`").strip()
-            if not code:
-                out.append(piece)
-                continue
-            # reST markup must be set off from words: "x``a``" and "``a``s" need "\ ".
-            before = "\\ " if index > 0 and re.search(r"\w$", pieces[index - 1]) else ""
-            after = "\\ " if index + 1 < len(pieces) and re.match(r"\w", pieces[index + 1]) else ""
-            out.append(f"{before}``{code}``{after}")
-            continue
-        piece = re.sub(
-            r"!\[([^\]]*)\]\(([^)\s]+)\)",
-            lambda m: f"{m.group(1) or 'figure'} ({image_prefix}{m.group(2)})",
-            piece,
-        )
-        piece = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"`\1 <\2>`__", piece)
-        piece = re.sub(r"(?<![\w*])_([^_\s][^_]*?)_(?![\w*])", r"*\1*", piece)
-        piece = re.sub(r"(\*\*[^*\s][^*]*\*\*|`__)(?=\w)", r"\1\\ ", piece)
-        out.append(piece)
-    return "".join(out)
-
-
-def _split_row(line: str) -> list[str]:
-    line = line.strip()
-    if line.startswith("|"):
-        line = line[1:]
-    if line.endswith("|") and not line.endswith("\\|"):
-        line = line[:-1]
-    cells = re.split(r"(?<!\\)\|", line)
-    return [cell.strip().replace("\\|", "|") for cell in cells]
-
-
-def _table(rows: list[list[str]], image_prefix: str) -> list[str]:
-    width = max(len(row) for row in rows)
-    lines = [".. list-table::", "   :header-rows: 1", ""]
-    for row in rows:
-        row = row + [""] * (width - len(row))
-        for index, cell in enumerate(row):
-            marker = "   * - " if index == 0 else "     - "
-            text = _inline(cell, image_prefix) if cell else "\\"
-            lines.append(marker + text)
-    lines.append("")
-    return lines
-
-
-def markdown_to_rst(markdown: str, *, top_level: int = 0, image_prefix: str = "") -> str:
-    """Convert the Markdown of a changelog or a results file to reStructuredText.
-
-    Parameters
-    ----------
-    markdown : str
-        The Markdown text.
-    top_level : int, default 0
-        The reST section level of the file's highest Markdown heading (0 = ``=``, 1 = ``-``,
-        ...).  The heading levels present are renumbered consecutively from there, so a
-        file that starts at ``###`` still nests correctly under the including page.
-    image_prefix : str, default ""
-        Prepended to relative image paths (e.g. ``/_generated/benchmarks/``).
-
-    Examples
-    --------
-    >>> print(markdown_to_rst("# Log\\n\\n## 0.1\\n\\n- Added `ArcFace`.\\n"))
-    Log
-    ===
-    <BLANKLINE>
-    0.1
-    ---
-    <BLANKLINE>
-    - Added ``ArcFace``.
-    <BLANKLINE>
-    """
-    lines = markdown.replace("\r\n", "\n").split("\n")
-    levels = sorted({len(m.group(1)) for m in map(_HEADING.match, lines) if m})
-    level_of = {level: top_level + rank for rank, level in enumerate(levels)}
-    out: list[str] = []
-    index = 0
-    in_list = False
-
-    def blank() -> None:
-        if out and out[-1] != "":
-            out.append("")
-
-    while index < len(lines):
-        line = lines[index]
-        fence = _FENCE.match(line)
-        if fence:
-            blank()
-            language = fence.group(2)
-            out.append(f".. code:: {language}" if language else "::")
-            out.append("")
-            index += 1
-            while index < len(lines) and not _FENCE.match(lines[index]):
-                out.append("   " + lines[index] if lines[index].strip() else "")
-                index += 1
-            index += 1
-            out.append("")
-            in_list = False
-            continue
-        heading = _HEADING.match(line)
-        if heading:
-            blank()
-            title = _inline(heading.group(2))
-            char = _HEADING_CHARS[min(level_of[len(heading.group(1))], len(_HEADING_CHARS) - 1)]
-            out += [title, char * max(len(title), 3), ""]
-            index += 1
-            in_list = False
-            continue
-        if (
-            "|" in line
-            and index + 1 < len(lines)
-            and "|" in lines[index + 1]
-            and _TABLE_SEPARATOR.match(lines[index + 1])
-        ):
-            blank()
-            rows = [_split_row(line)]
-            index += 2
-            while index < len(lines) and lines[index].strip().startswith("|"):
-                rows.append(_split_row(lines[index]))
-                index += 1
-            out += _table(rows, image_prefix)
-            in_list = False
-            continue
-        image = _IMAGE_LINE.match(line)
-        if image:
-            blank()
-            target = image.group(2)
-            if not re.match(r"^[a-z]+://|^/", target):
-                target = image_prefix + target
-            out += [f".. image:: {target}", f"   :alt: {image.group(1) or 'figure'}", ""]
-            index += 1
-            in_list = False
-            continue
-        item = _BULLET.match(line) or _NUMBERED.match(line)
-        if item and not re.match(r"^\s*([-*_])(\s*\1){2,}\s*$", line):
-            if not in_list:
-                blank()
-            indent = "  " * (len(item.group(1).expandtabs(4)) // 2)
-            marker = "-" if _BULLET.match(line) else "#."
-            if indent and out and out[-1] != "":
-                out.append("")
-            out.append(f"{indent}{marker} {_inline(item.group(3), image_prefix)}")
-            in_list = True
-            index += 1
-            continue
-        if not line.strip():
-            blank()
-            in_list = False
-            index += 1
-            continue
-        if re.match(r"^\s*([-*_])(\s*\1){2,}\s*$", line):  # a Markdown rule
-            blank()
-            index += 1
-            continue
-        if in_list:  # continuation line of a list item
-            previous = out[-1]
-            hang = len(previous) - len(previous.lstrip()) + (3 if previous.lstrip().startswith("#.") else 2)
-            out.append(" " * hang + _inline(line.strip(), image_prefix))
-        else:
-            out.append(_inline(line.strip(), image_prefix))
-        index += 1
-    while out and out[-1] == "":
-        out.pop()
-    return "\n".join(out) + "\n"
-
-
-def rst_problems(rst: str) -> list[str]:
-    """Warnings and errors docutils reports on ``rst`` (empty when it parses cleanly)."""
-    from docutils.core import publish_doctree
-
-    stream = io.StringIO()
-    publish_doctree(
-        rst,
-        settings_overrides={
-            "report_level": 2,
-            "halt_level": 5,
-            "warning_stream": stream,
-            "file_insertion_enabled": False,
-            "raw_enabled": False,
-        },
+def inventory_bytes(project: str, objects: dict[tuple[str, str], str]) -> bytes:
+    """An intersphinx inventory (format version 2) of ``objects``: (role, name) -> address."""
+    header = (
+        "# Sphinx inventory version 2\n"
+        f"# Project: {project}\n"
+        "# Version: \n"
+        "# The remainder of this file is compressed using zlib.\n"
     )
-    return [line for line in stream.getvalue().splitlines() if line.strip()]
+    lines = [f"{name} {role} 1 {uri} -\n" for (role, name), uri in sorted(objects.items())]
+    return header.encode() + zlib.compress("".join(lines).encode())
 
 
-def _literal(text: str, title: str | None = None) -> str:
-    head = [title, "~" * len(title), ""] if title else []
-    body = ["::", ""] + ["   " + line if line.strip() else "" for line in text.splitlines()]
-    return "\n".join(head + body) + "\n"
-
-
-def convert_or_literal(markdown: str, *, top_level: int = 0, image_prefix: str = "") -> str:
-    """:func:`markdown_to_rst`, or the Markdown as a literal block if that does not parse."""
-    rst = markdown_to_rst(markdown, top_level=top_level, image_prefix=image_prefix)
-    return rst if not rst_problems(rst) else _literal(markdown)
+def write_inventories() -> None:
+    for project, objects in EXTERNAL_OBJECTS.items():
+        _write_if_changed(GENERATED / f"{project}.inv", inventory_bytes(project, objects))
 
 
 # ---------------------------------------------------------------- generated files
@@ -264,12 +126,6 @@ def _prepare_generated() -> None:
     _write_if_changed(GENERATED / ".gitignore", b"# written by docs/_ext/marginloss_docs.py\n*\n")
 
 
-def write_changelog() -> None:
-    source = ROOT / "CHANGELOG.md"
-    text = source.read_text(encoding="utf-8") if source.exists() else "# Changelog\n"
-    _write_if_changed(GENERATED / "changelog.rst.inc", convert_or_literal(text).encode())
-
-
 def _prefer_full_runs(paths: list[Path]) -> list[Path]:
     """Drop a ``--quick`` run's ``<name>-quick.<ext>`` / ``<name>_quick.<ext>`` where the full
     run's ``<name>.<ext>`` exists."""
@@ -282,61 +138,47 @@ def _prefer_full_runs(paths: list[Path]) -> list[Path]:
     return [path for path in paths if not superseded(path)]
 
 
-def benchmark_include(results: Path = RESULTS, prefix: str = "/_generated/benchmarks/") -> tuple[str, list[Path]]:
-    """The reST for the benchmark page and the images it needs, from ``results``.
+def benchmark_include(results: Path = RESULTS, prefix: str = "/_generated/benchmarks/", source_dir: Path = DOCS) -> str:
+    """The reST of the benchmark page's "Results" section, from the files in ``results``.
 
-    Every ``*.md`` becomes a section of tables under the page's "Results" section; every
-    ``*.png`` that no Markdown file shows is added as a figure.  A ``--quick`` run's files
-    (``cpu-quick.md``, ``distributed_memory_quick.md``) are left out where a full run's exist.
+    Every ``*.md`` is included as Markdown (myst-parser: a file it cannot parse fails a
+    ``-W`` build instead of being shown as raw text); every ``*.png`` follows as a figure.
+    A ``--quick`` run's files are left out where a full run's exist.  Empty when there are
+    no results.
     """
-    reports = _prefer_full_runs(sorted(results.glob("*.md"))) if results.is_dir() else []
-    images = _prefer_full_runs(sorted(results.glob("*.png"))) if results.is_dir() else []
-    if not reports and not images:
-        return "", []
-    parts: list[str] = []
-    shown: set[str] = set()
+    if not results.is_dir():
+        return ""
+    reports = _prefer_full_runs(sorted(results.glob("*.md")))
+    images = _prefer_full_runs(sorted(results.glob("*.png")))
+    parts = []
     for report in reports:
-        markdown = report.read_text(encoding="utf-8")
-        references = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", markdown)
-        shown.update(references)
-        if any(not (results / name).is_file() for name in references if "://" not in name):
-            # An image that is not in the results folder would be a broken reference.
-            parts.append(_literal(markdown, f"``benchmarks/results/{report.name}``"))
-            continue
-        # Level 2 (~) is a subsection of the page's "Results"; a file that does not start
-        # with a heading gets its name as one, and its own headings go a level deeper.
-        titled = re.match(r"^#{1,6}\s", markdown.lstrip()) is not None
-        body = convert_or_literal(markdown, top_level=2 if titled else 3, image_prefix=prefix)
-        if not titled:
-            title = f"``benchmarks/results/{report.name}``"
-            body = f"{title}\n{'~' * len(title)}\n\n{body}"
-        parts.append(body)
+        relative = os.path.relpath(report, source_dir).replace(os.sep, "/")  # "/" = the source folder
+        parts.append(f".. include:: /{relative}\n   :parser: myst_parser.sphinx_\n")
     for image in images:
-        if image.name not in shown:
-            parts.append(
-                f".. figure:: {prefix}{image.name}\n   :alt: {image.stem}\n   :width: 100%\n\n"
-                f"   ``benchmarks/results/{image.name}``\n"
-            )
-    return "\n".join(parts), images
+        parts.append(
+            f".. figure:: {prefix}{image.name}\n   :alt: {image.stem}\n   :width: 100%\n\n"
+            f"   ``benchmarks/results/{image.name}``\n"
+        )
+    return "\n".join(parts)
 
 
-def write_benchmarks() -> None:
-    rst, images = benchmark_include()
+def write_benchmarks(results: Path = RESULTS) -> None:
+    """Write the "Results" include and copy the plots next to it."""
     target = GENERATED / "benchmarks"
     target.mkdir(exist_ok=True)
+    images = _prefer_full_runs(sorted(results.glob("*.png"))) if results.is_dir() else []
     for image in images:
         _write_if_changed(target / image.name, image.read_bytes())
     keep = {image.name for image in images}
     for stale in target.glob("*.png"):
         if stale.name not in keep:
             stale.unlink()
-    if not rst:
-        rst = (
-            ".. note::\n\n"
-            "   No benchmark results are in ``benchmarks/results/`` yet.  Run ``make bench``\n"
-            "   (or ``make bench-quick``) and rebuild the documentation: the tables and plots it\n"
-            "   writes there appear on this page.\n"
-        )
+    rst = benchmark_include(results) or (
+        ".. note::\n\n"
+        "   No benchmark results are in ``benchmarks/results/`` yet.  Run ``make bench``\n"
+        "   (or ``make bench-quick``) and rebuild the documentation: the tables and plots it\n"
+        "   writes there appear on this page.\n"
+    )
     _write_if_changed(GENERATED / "benchmarks.rst.inc", rst.encode())
 
 
@@ -365,7 +207,7 @@ def write_figures() -> None:
 
 def _generate(app: Any) -> None:
     _prepare_generated()
-    write_changelog()
+    write_inventories()
     write_benchmarks()
     write_figures()
 
@@ -396,14 +238,30 @@ def shape_sections(lines: list[str]) -> list[str]:
     return out
 
 
+def _unlink_non_addresses(app: Any, doctree: Any) -> None:
+    """Turn docutils' e-mail links whose domain has no dot back into text.
+
+    docutils links any ``word@word``, so "TAR@FAR" (true-accept rate at a false-accept
+    rate) became ``mailto:TAR@FAR``; a real address has a dotted domain.
+    """
+    from docutils import nodes
+
+    for reference in list(doctree.findall(nodes.reference)):
+        uri = reference.get("refuri", "")
+        if uri.startswith("mailto:") and "." not in uri.rpartition("@")[2]:
+            reference.replace_self(nodes.Text(reference.astext()))
+
+
 def _process_docstring(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
     lines[:] = shape_sections(lines)
 
 
 def setup(app: Any) -> dict[str, Any]:
-    app.connect("builder-inited", _generate)
+    # Before intersphinx (priority 500) reads the inventories.
+    app.connect("builder-inited", _generate, priority=100)
     # Before napoleon (priority 500) converts the numpy sections.
     app.connect("autodoc-process-docstring", _process_docstring, priority=400)
+    app.connect("doctree-read", _unlink_non_addresses)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -181,13 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+# What torch.distributed's env:// initialisation reads; torchrun sets all of them.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        print(
+            f"error: {', '.join(missing)} not set: this script runs one process per rank under torchrun, e.g.\n"
+            "  torchrun --nproc_per_node 2 examples/distributed/train.py --smoke\n"
+            "(a single process works too: torchrun --nproc_per_node 1 ...)",
+            file=sys.stderr,
+        )
+        return 2
     if args.smoke:
         args.classes, args.samples, args.epochs, args.batch_size = 50, 1003, 2, 32
         args.input_dim, args.embedding_dim, args.width, args.log_every = 16, 16, 32, 10
     train(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

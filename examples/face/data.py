@@ -80,6 +80,34 @@ def verification_csv(root: Path, name: str) -> Path:
     return _require(root / "verification" / name, f"{name} (id,label)")
 
 
+def check_layout(root: Path) -> None:
+    """Check that every folder and CSV of the HW2P2 layout exists, classification and
+    verification alike, so a missing piece is reported before training, not after it."""
+    for split in CLASSIFICATION_SPLITS:
+        classification_dir(root, split)
+    classification_csv(root)
+    for folder in VERIFICATION_FOLDERS:
+        verification_dir(root, folder)
+    verification_csv(root, VERIFICATION_DEV)
+    verification_csv(root, VERIFICATION_SUBMISSION)
+
+
+def identity_difference(found: Sequence[str], expected: Sequence[str], limit: int = 5) -> str:
+    """Which identity folders are extra and which are missing, naming up to ``limit`` of each.
+
+    >>> identity_difference(["n1", "n2", "n4"], ["n1", "n2", "n3"])
+    'extra: n4; missing: n3'
+    """
+
+    def named(names: list[str]) -> str:
+        return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+    extra = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    parts = ([f"extra: {named(extra)}"] if extra else []) + ([f"missing: {named(missing)}"] if missing else [])
+    return "; ".join(parts) or "the same names in another order"
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 

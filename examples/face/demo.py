@@ -3,8 +3,10 @@
 Generates the synthetic HW2P2-layout dataset (unless ``--data`` already holds one), trains
 the toy ResNet with an ArcFace head, then evaluates classification and open-set
 verification on the dev sets and writes both Kaggle submissions. It prints the two dev
-accuracies next to their chance levels. The defaults finish in about two minutes on two
-CPU cores (the target is at most five, with other work sharing the machine).
+accuracies next to their chance levels and writes them, with the wall time, the machine and
+its load, to ``<out>/demo.json``; ``--record FILE`` also appends that record to a results
+file (``make demo-results`` does so for ``examples/face/results/demo.json``, the source of
+the figures the README and the docs quote; ``make figures`` copies them there).
 
 Example::
 
@@ -14,6 +16,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -32,11 +37,8 @@ from face.model import HEADS, CheckpointError
 # identities works: embeddings generalise to new faces only after seeing many identities
 # (40 training identities reach about 50% verification accuracy, 80 about 90%), and 32 px
 # keeps an epoch at a few seconds. --smoke shrinks everything to a seconds-long CI check.
-DEMO_DATA = {"num_identities": 80, "images_per_identity": 30, "image_size": 32, "unknown_dev": 120, "unknown_test": 120}
-SMOKE_DATA = {
-    "num_identities": 4, "images_per_identity": 4, "dev_per_identity": 1, "test_per_identity": 1,
-    "known_identities": 3, "unmatched_identities": 1, "unknown_dev": 4, "unknown_test": 4, "image_size": 32,
-}
+# make_toy_faces.py's defaults are the demo's data set; --smoke uses its SMOKE sizes.
+SMOKE_DATA = make_toy_faces.SMOKE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,15 +61,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed of data generation and training")
     parser.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     parser.add_argument("--smoke", action="store_true", help="tiny data and a 1-epoch run: a seconds-long CI check")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="append this run's record (settings, accuracies, wall time, machine, load) to this JSON file")
     return parser
+
+
+def machine() -> dict[str, Any]:
+    """What the timings depend on: CPU model, core count, torch version and thread count."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return {"cpu": model, "logical_cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` to the ``runs`` list of the JSON results file at ``path``."""
+    runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": [*runs, record]}, indent=1) + "\n", encoding="utf-8")
 
 
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the three steps; return the verification results with the timings added."""
     start = time.perf_counter()
+    load_before = load_average()
     data: Path = args.data or args.out / "data"
     if args.data is None and not (data / "toy_faces.json").exists():
-        settings = SMOKE_DATA if args.smoke else DEMO_DATA
+        settings = SMOKE_DATA if args.smoke else {}
         print(f"[1/3] generating toy faces in {data}", flush=True)
         make_toy_faces.generate(data, seed=args.seed, **settings)
     else:
@@ -94,6 +129,24 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     print(f"verification   dev accuracy {result['verification_dev_acc']:.3f}   (chance {result['verification_chance']:.3f}: "
           f"always predicting the most common label)")
     print(f"demo finished in {result['wall_s']:.0f} s; outputs in {args.out}")
+    record = {
+        "command": "python examples/face/demo.py" + ("" if args.seed == 0 else f" --seed {args.seed}"),
+        "settings": {"backbone": args.backbone, "head": args.head, "epochs": 1 if args.smoke else args.epochs, "lr": args.lr,
+                     "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers,
+                     "seed": args.seed, "smoke": args.smoke},
+        "data": json.loads((data / "toy_faces.json").read_text(encoding="utf-8")) if (data / "toy_faces.json").exists() else None,
+        "classification_dev_acc": round(float(result["classification_dev_acc"]), 4),
+        "classification_chance": round(float(result["classification_chance"]), 4),
+        "verification_dev_acc": round(float(result["verification_dev_acc"]), 4),
+        "verification_chance": round(float(result["verification_chance"]), 4),
+        "wall_s": round(result["wall_s"], 1), "train_s": round(train_s, 1),
+        "load_1min": [load_before, load_average()], "machine": machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "demo.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    if args.record is not None:
+        append_record(args.record, record)
     return result
 
 

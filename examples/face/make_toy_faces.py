@@ -257,19 +257,26 @@ def _identity_names(count: int, seed: int) -> list[str]:
     return [f"n{int(number):06d}" for number in numbers]
 
 
+# --smoke: a seconds-long data set for CI (what `demo.py --smoke` uses).
+SMOKE = {
+    "num_identities": 4, "images_per_identity": 4, "dev_per_identity": 1, "test_per_identity": 1,
+    "known_identities": 3, "unmatched_identities": 1, "unknown_dev": 4, "unknown_test": 4, "image_size": 32,
+}
+
+
 def generate(
     out: Path,
     *,
-    num_identities: int = 40,
+    num_identities: int = 80,
     images_per_identity: int = 30,
     dev_per_identity: int = 4,
     test_per_identity: int = 4,
     known_identities: int = 30,
     known_images: int = 1,
     unmatched_identities: int = 6,
-    unknown_dev: int = 60,
-    unknown_test: int = 60,
-    image_size: int = 64,
+    unknown_dev: int = 120,
+    unknown_test: int = 120,
+    image_size: int = 32,
     seed: int = 0,
 ) -> dict[str, object]:
     """Write the dataset under ``out`` and return the settings (also saved to ``toy_faces.json``)."""
@@ -344,18 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="dataset root to create (classification/, verification/ go under it)")
-    parser.add_argument("--num-identities", type=int, default=40, help="classification identities (train/dev/test classes)")
+    parser.add_argument("--num-identities", type=int, default=80, help="classification identities (train/dev/test classes)")
     parser.add_argument("--images-per-identity", type=int, default=30, help="train images per classification identity")
     parser.add_argument("--dev-per-identity", type=int, default=4, help="dev images per classification identity")
     parser.add_argument("--test-per-identity", type=int, default=4, help="test images per classification identity")
     parser.add_argument("--known-identities", type=int, default=30, help="verification gallery identities (disjoint from classification)")
     parser.add_argument("--known-images", type=int, default=1, help="gallery images per known identity")
     parser.add_argument("--unmatched-identities", type=int, default=6, help=f"identities that appear among the unknown images but not in known (label {NO_MATCH_LABEL})")
-    parser.add_argument("--unknown-dev", type=int, default=60, help="images in verification/unknown_dev")
-    parser.add_argument("--unknown-test", type=int, default=60, help="images in verification/unknown_test")
-    parser.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
+    parser.add_argument("--unknown-dev", type=int, default=120, help="images in verification/unknown_dev")
+    parser.add_argument("--unknown-test", type=int, default=120, help="images in verification/unknown_test")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the square images in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny data set for CI (" + ", ".join(f"{k}={v}" for k, v in SMOKE.items()) + "), overriding the sizes")
     return parser
 
 
@@ -365,21 +374,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.out} exists and is not empty (pass --force to write into it)", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    sizes = {
+        "num_identities": args.num_identities, "images_per_identity": args.images_per_identity,
+        "dev_per_identity": args.dev_per_identity, "test_per_identity": args.test_per_identity,
+        "known_identities": args.known_identities, "known_images": args.known_images,
+        "unmatched_identities": args.unmatched_identities, "unknown_dev": args.unknown_dev,
+        "unknown_test": args.unknown_test, "image_size": args.image_size,
+    }
+    if args.smoke:
+        sizes.update(SMOKE)
     try:
-        settings = generate(
-            args.out,
-            num_identities=args.num_identities,
-            images_per_identity=args.images_per_identity,
-            dev_per_identity=args.dev_per_identity,
-            test_per_identity=args.test_per_identity,
-            known_identities=args.known_identities,
-            known_images=args.known_images,
-            unmatched_identities=args.unmatched_identities,
-            unknown_dev=args.unknown_dev,
-            unknown_test=args.unknown_test,
-            image_size=args.image_size,
-            seed=args.seed,
-        )
+        settings = generate(args.out, seed=args.seed, **sizes)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

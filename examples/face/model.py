@@ -152,7 +152,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         # downloaded file can run code on load.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: report it, whatever broke
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a torch checkpoint "
+            f"({type(error).__name__}: {error}); train again or point --checkpoint/--init at another file"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a face-example checkpoint (format {CHECKPOINT_FORMAT})")
     return state

@@ -58,8 +58,10 @@ from backbones import available, build, count_parameters
 from face.data import (
     DataLayoutError,
     channel_stats,
+    check_layout,
     classification_dir,
     eval_transform,
+    identity_difference,
     image_folder,
     train_transform,
 )
@@ -282,7 +284,7 @@ def train_one_epoch(
     backbone.train()
     head.train()
     total_loss, correct, count = 0.0, 0, 0
-    bar = tqdm(loader, total=steps, desc=desc, disable=args.no_progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, total=steps, desc=desc, disable=args.no_progress or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
         if step >= steps:
             break
@@ -368,6 +370,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     resume_state = load_checkpoint(checkpoint_path) if args.resume else None
     init_state = load_checkpoint(args.init) if args.init is not None else None
 
+    check_layout(args.data)  # verification folders too: verify.py needs them after training
     train_dir, dev_dir = classification_dir(args.data, "train"), classification_dir(args.data, "dev")
     probe = image_folder(train_dir)
     image_size = args.image_size or probe[0][0].size[0]
@@ -378,8 +381,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     train_set = image_folder(train_dir, train_transform(image_size, mean, std))
     dev_set = image_folder(dev_dir, eval_transform(image_size, mean, std))
     if dev_set.classes != train_set.classes:
-        extra = sorted(set(dev_set.classes) - set(train_set.classes)) or sorted(set(train_set.classes) - set(dev_set.classes))
-        raise DataLayoutError(f"{dev_dir} and {train_dir} hold different identity folders (e.g. {extra[:3]})")
+        raise DataLayoutError(f"{dev_dir} and {train_dir} hold different identity folders "
+                              f"(dev against train: {identity_difference(dev_set.classes, train_set.classes)})")
     classes = train_set.classes
     for state, flag in ((resume_state, "--resume"), (init_state, "--init")):
         if state is not None and state["classes"] != classes:

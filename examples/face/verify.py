@@ -52,6 +52,7 @@ from face.data import (
     classification_csv,
     classification_dir,
     eval_transform,
+    identity_difference,
     image_folder,
     read_id_label_csv,
     verification_csv,
@@ -92,7 +93,7 @@ def embed(backbone: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     backbone.eval()
     chunks = []
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, _ in tqdm(loader, desc=desc, disable=not progress or not sys.stderr.isatty(), leave=False):
         images = images.to(device)
         embeddings = backbone(images).float()
         if flip:
@@ -167,7 +168,8 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
     classes: list[str] = state["classes"]
     dev_set = image_folder(dev_dir, transform)
     if dev_set.classes != classes:
-        raise DataLayoutError(f"{dev_dir} holds other identity folders than the checkpoint was trained on")
+        raise DataLayoutError(f"{dev_dir} holds other identity folders than the checkpoint was trained on "
+                              f"({identity_difference(dev_set.classes, classes)})")
     test_set = image_folder(test_dir, transform)
     test_names = [Path(path).name for path, _ in test_set.samples]
     duplicates = [name for name, count in Counter(test_names).items() if count > 1]

@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
+import os
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -327,6 +330,7 @@ def train_one(
         class_weights=torch.empty(0),
     )
     start = time.perf_counter()
+    last_report = start
     for epoch in range(1, args.epochs + 1):
         model.train()
         head.train()
@@ -344,6 +348,16 @@ def train_one(
                 correct += int((head.logits(embeddings).argmax(1) == train_labels[index]).sum())
             result.step_losses.append(loss.item())
             loss_sum += result.step_losses[-1] * len(index)
+            now = time.perf_counter()
+            if args.progress_every > 0 and now - last_report >= args.progress_every and step + 1 < steps_per_epoch:
+                last_report = now
+                seen = (step + 1) * args.batch_size
+                print(
+                    f"[{result.label}, d={embedding_dim}] epoch {epoch}/{args.epochs}  step "
+                    f"{step + 1}/{steps_per_epoch}  loss so far {loss_sum / seen:.4f}  "
+                    f"({now - start:.1f} s training this head)",
+                    flush=True,
+                )
         test_accuracy = accuracy(head, embed(model, test_images), test_labels)
         result.epoch_rows.append(
             {
@@ -356,9 +370,10 @@ def train_one(
         print(
             f"[{result.label}, d={embedding_dim}] epoch {epoch}/{args.epochs}  "
             f"loss {loss_sum / len(train_labels):.4f}  train acc {correct / len(train_labels):.4f}"
-            f"  test acc {test_accuracy:.4f}  ({time.perf_counter() - start:.1f} s)",
+            f"  test acc {test_accuracy:.4f}  ({time.perf_counter() - start:.1f} s training this head)",
             flush=True,
         )
+        last_report = time.perf_counter()
     result.train_seconds = time.perf_counter() - start
     test_embeddings = embed(model, test_images)
     result.test_accuracy = accuracy(head, test_embeddings, test_labels)
@@ -645,6 +660,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: %(default)s)",
     )
     train.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: torch's choice, one per core); 1 is often fastest "
+        "on a small or busy machine",
+    )
+    train.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines within an epoch; 0: one line per epoch only "
+        "(default: %(default)s)",
+    )
+    train.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="append this run (command, accuracies, angles, wall time, machine, load) to this "
+        "JSON results file; `make mnist-results` writes examples/mnist_arcface/results/results.json",
+    )
+    train.add_argument(
         "--smoke",
         action="store_true",
         help=f"tiny run for CI: {SMOKE_SIZES[0]}/{SMOKE_SIZES[1]} images, 1 epoch, seconds "
@@ -714,12 +750,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{flag} must be a positive integer, got {value}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     hparams = resolve_hparams(parser, args)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
 
     started = time.perf_counter()
+    load_before = _load_average()
+    previous_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads_used = torch.get_num_threads()
     # Seeds are set per run inside; fork_rng keeps a caller's global RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         try:
@@ -761,12 +804,59 @@ def main(argv: Sequence[str] | None = None) -> int:
             written.append(plot(runs, data.class_names, args.out / f"embeddings_{dim}d.png", title))
     written.append(plot_training_curves(results, args.out / "training_curves.png", title))
 
+    torch.set_num_threads(previous_threads)
+    wall_s = time.perf_counter() - started
+    if args.record is not None:
+        _append_record(args.record, results, argv if argv is not None else sys.argv[1:], wall_s,
+                       [load_before, _load_average()], threads_used)
+        written.append(args.record)
+
     print()
     print((args.out / "accuracy.md").read_text())
-    print(f"total time {time.perf_counter() - started:.1f} s; wrote:")
+    print(f"total wall time {wall_s:.1f} s (data, every head and size, tables and figures); wrote:")
     for path in written:
         print(f"  {path}")
     return 0
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _append_record(path: Path, results: Sequence[RunResult], argv: Sequence[str], wall_s: float,
+                   load: list[float | None], threads: int) -> None:
+    """Append one run to the JSON results file the README's tables are rendered from."""
+    rows = []
+    for r in results:
+        angles = angular_statistics(r.test_embeddings, r.test_labels)
+        rows.append({
+            "head": r.head, "embedding_dim": r.embedding_dim,
+            "scale": r.hparams.get("scale"), "margin": r.hparams.get("margin"),
+            "test_acc": round(r.test_accuracy, 4),
+            "intra_deg": round(angles["intra_angle_deg"], 2),
+            "min_inter_deg": round(angles["min_inter_angle_deg"], 2),
+            "margin_deg": round(angles["margin_deg"], 2),
+            "train_s": round(r.train_seconds, 1),
+        })
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    run = {
+        "command": " ".join(["python examples/mnist_arcface/train.py",
+                             *(arg for arg in argv if not arg.startswith("--record") and arg != str(path))]),
+        "threads": threads,
+        "machine": {"cpu": cpu, "logical_cores": os.cpu_count(), "torch": torch.__version__},
+        "wall_s": round(wall_s, 1), "load_1min": load, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": rows,
+    }
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": [*runs, run]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
