@@ -411,3 +411,17 @@ def test_two_calls_before_one_backward() -> None:
     (2.0 * head(second2, labels.flip(0))).backward()
     for a, b in zip(together, (first2.grad, second2.grad, head.weight.grad)):
         assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, "auto"])
+def test_tensor_captured_by_target_fn_gets_its_gradient(chunk) -> None:
+    """0.1's chunked engine differentiated only fresh leaves: a learnable margin captured by
+    ``target_fn`` got a gradient with ``chunk_size=None`` and none with the default."""
+    x, w, labels = _problem(7, 29, 5, torch.float64, seed=9)
+    margin = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    loss = fused.margin_softmax_loss(x, w, labels, lambda cos: cos - margin, scale=10.0, chunk_size=chunk)
+    (grad,) = torch.autograd.grad(loss, margin)
+    reference = fused.margin_softmax_loss(x, w, labels, lambda cos: cos - margin, scale=10.0, chunk_size=None)
+    (expected,) = torch.autograd.grad(reference, margin)
+    assert float(grad) != 0.0
+    assert_close(grad, expected, rtol=1e-12, atol=1e-14)

@@ -218,34 +218,20 @@ def _construct_head(
 ) -> nn.Module:
     if head == "softmax":
         return SoftmaxHead(embedding_dim, num_classes)
-    if head == "normface":
-        return marginloss.NormFace(embedding_dim, num_classes, scale=hparams["scale"])
-    if head == "arcface":
-        return marginloss.ArcFace(
-            embedding_dim,
-            num_classes,
-            scale=hparams["scale"],
-            margin=hparams["margin"],
-        )
-    if head == "cosface":
-        return marginloss.CosFace(
-            embedding_dim,
-            num_classes,
-            scale=hparams["scale"],
-            margin=hparams["margin"],
-        )
+    if head not in marginloss.list_heads():
+        raise ValueError(f"unknown head {head!r}")
+    options: dict[str, float | int] = dict(hparams)
     if head == "sphereface":
+        # Anneal lambda from its base to its floor over the first half of training.
         half = max(total_steps // 2, 1)
-        return marginloss.SphereFace(
-            embedding_dim,
-            num_classes,
-            margin=int(hparams["margin"]),
-            lambda_base=SPHEREFACE_LAMBDA_BASE,
-            lambda_gamma=(SPHEREFACE_LAMBDA_BASE / SPHEREFACE_LAMBDA_MIN - 1.0) / half,
-            lambda_power=1.0,
-            lambda_min=SPHEREFACE_LAMBDA_MIN,
-        )
-    raise ValueError(f"unknown head {head!r}")
+        options = {
+            "margin": int(hparams["margin"]),
+            "lambda_base": SPHEREFACE_LAMBDA_BASE,
+            "lambda_gamma": (SPHEREFACE_LAMBDA_BASE / SPHEREFACE_LAMBDA_MIN - 1.0) / half,
+            "lambda_power": 1.0,
+            "lambda_min": SPHEREFACE_LAMBDA_MIN,
+        }
+    return marginloss.create_head(head, embedding_dim, num_classes, **options)
 
 
 # ---------------------------------------------------------------------------------------
