@@ -89,6 +89,8 @@ nitpick_ignore = [
     # marginloss.fused's alias of the chunk_size argument (an int, "auto" or None), spelled
     # out in every docstring that takes it.
     ("py:class", "ChunkSize"),
+    # register_head's type variable (a MarginHead subclass in, the same class out).
+    ("py:class", "marginloss.heads.base.HeadT"),
 ]
 # Napoleon splits a numpy type at every ", ", so the halves of an interval ("float in (0, 1]")
 # and of a generic ("dict[float, float]") reach Sphinx as class names: they are text, not

@@ -11,7 +11,7 @@ This module sits below the heads and the engine: it knows nothing about margins.
   engine combines its row statistics with (:func:`all_reduce_logsumexp`,
   :func:`average_over_ranks`).
 
-Plain :func:`torch.distributed.all_gather` carries no autograd, and gloo cannot gather
+Plain ``torch.distributed.all_gather`` carries no autograd, and gloo cannot gather
 uneven sizes: every gather here pads to the largest local batch.
 """
 
