@@ -167,6 +167,7 @@ def test_hypothesis_against_reference(batch, classes, seed, pairs, chunk_size, c
     assert torch.isfinite(loss)
     assert_close(loss, ref_loss, **tol, what="loss")
     assert_close(x.grad, gx if gx is not None else torch.zeros_like(x), **tol, what="embedding grad")
+    assert_close(head.weight.grad, gw if gw is not None else torch.zeros_like(weight), **tol, what="weight grad")
     assert_close(head.centers, new, **tol, what="centres")
 
 

@@ -58,7 +58,7 @@ def _check_parameters(means: object, log_variance: object, embedding_dim: int | 
         )
     if log_variance is not None:
         if not isinstance(log_variance, Tensor) or tuple(log_variance.shape) != tuple(means.shape):
-            got = tuple(log_variance.shape) if isinstance(log_variance, Tensor) else type(log_variance).__name__
+            got = str(tuple(log_variance.shape)) if isinstance(log_variance, Tensor) else type(log_variance).__name__
             raise ValueError(f"log_variance must be None or a tensor of the means' shape {tuple(means.shape)}, got {got}")
         if not log_variance.is_floating_point():
             raise ValueError(f"log_variance must be floating, got dtype {log_variance.dtype}")
@@ -124,7 +124,7 @@ class _ChunkedRest(torch.autograd.Function):
             running_max = new_max
         safe = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
         rest = safe + running_sum.log()
-        ctx.save_for_backward(x, means, log_variance, labels, rest)
+        ctx.save_for_backward(x, means, log_variance, labels, rest)  # type: ignore[arg-type]
         ctx.chunk = chunk  # type: ignore[attr-defined]
         return rest
 
