@@ -215,6 +215,7 @@ def lgm_loss(
     log_variance: Tensor | None = None,
     alpha: float,
     lambda_lkd: float,
+    label_smoothing: float = 0.0,
     ignore_index: int = -100,
 ) -> Tensor:
     """Row losses of L-GM (Wan et al., CVPR 2018), one sample and one class at a time.
@@ -239,8 +240,9 @@ def lgm_loss(
             z.append(-0.5 * margin * d - 0.5 * logdet)
             if k == y:
                 d_y, logdet_y = d, logdet
-        logits = torch.stack(z)
-        rows.append(torch.logsumexp(logits, dim=0) - logits[y] + lambda_lkd * (0.5 * d_y + 0.5 * logdet_y))
+        log_p = torch.stack(z) - torch.logsumexp(torch.stack(z), dim=0)
+        smoothed = -(1 - label_smoothing) * log_p[y] - label_smoothing / means.shape[0] * log_p.sum()
+        rows.append(smoothed + lambda_lkd * (0.5 * d_y + 0.5 * logdet_y))
     return torch.stack(rows)
 
 

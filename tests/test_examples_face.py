@@ -399,3 +399,13 @@ def test_a_pair_loss_run_resumes_exactly(toy_data: Path, tmp_path: Path) -> None
     split = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     for name, tensor in straight.items():
         assert torch.equal(tensor, split[name]), name
+
+
+@pytest.mark.parametrize("head", ["lgm", "uniformface"])
+def test_gaussian_mixture_and_uniform_heads_train_and_verify(head: str, toy_data: Path, tmp_path: Path) -> None:
+    argv = ["--data", str(toy_data), "--out", str(tmp_path), "--head", head, "--smoke", "--no-plot", *FAST]
+    assert train.main(argv) == 0
+    assert _rows(tmp_path / "metrics.csv")[0]["head"] == head
+    status = verify.main(["--data", str(toy_data), "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path),
+                          "--no-progress"])
+    assert status == 0

@@ -7,9 +7,9 @@ to the row, so they need a per-class offset (:math:`-\lVert\mu_k\rVert^2/2`, and
 :math:`-\tfrac12\log\lvert\Lambda_k\rvert` for a diagonal covariance) and, for the diagonal
 covariance, a second GEMM (:math:`x^2 (1/\sigma^2)^\top`).  The engine has neither, so
 :class:`LGM` is a plain :class:`torch.nn.Module` with the same keywords the heads share where
-they make sense (``reduction``, ``ignore_index``, ``chunk_size``, ``device``, ``dtype``); it
-is not in the head registry (:func:`marginloss.create_head` builds ``MarginHead`` subclasses
-only) and has no class sharding.
+they make sense (``reduction``, ``label_smoothing``, ``ignore_index``, ``chunk_size``,
+``device``, ``dtype``); it is not in the head registry (:func:`marginloss.create_head` builds
+``MarginHead`` subclasses only) and has no class sharding.
 
 The chunked path is one :class:`torch.autograd.Function` with a closed-form backward (not
 ``torch.utils.checkpoint`` per chunk): the non-target log-sum-exp of a row is a smooth
@@ -83,23 +83,25 @@ def _block_logits(x: Tensor, x_sq: Tensor, xx: Tensor, means: Tensor, log_varian
     return -0.5 * squared.clamp_min(0.0) - 0.5 * log_variance.sum(1)[None, :]
 
 
-def _mask_targets(z: Tensor, labels: Tensor, start: int) -> Tensor:
-    """``z`` (a block of classes ``[start, start + width)``) with each row's target at -inf."""
+def _target_mask(z: Tensor, labels: Tensor, start: int) -> Tensor:
+    """``[B, width]`` True at each row's target inside the block of classes ``[start, start + width)``."""
     width = z.shape[1]
     local = labels - start
     inside = (local >= 0) & (local < width)
     column = torch.arange(width, device=z.device)[None, :]
-    hit = inside[:, None] & (column == local[:, None])
-    return z.masked_fill(hit, float("-inf"))
+    return inside[:, None] & (column == local[:, None])
 
 
-def _plain_rest(x: Tensor, means: Tensor, log_variance: Tensor | None, labels: Tensor) -> Tensor:
+def _plain_rest(x: Tensor, means: Tensor, log_variance: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
     z = _block_logits(x, x * x, (x * x).sum(1), means, log_variance)
-    return torch.logsumexp(_mask_targets(z, labels, 0), dim=1)
+    hit = _target_mask(z, labels, 0)
+    rest = torch.logsumexp(z.masked_fill(hit, float("-inf")), dim=1)
+    return rest, z.masked_fill(hit, 0.0).sum(1)
 
 
 class _ChunkedRest(torch.autograd.Function):
-    """Non-target log-sum-exp :math:`r_i = \\log\\sum_{k\\ne y_i} e^{z_{ik}}` over class chunks."""
+    """Non-target log-sum-exp :math:`r_i = \\log\\sum_{k\\ne y_i} e^{z_{ik}}` and sum
+    :math:`S_i = \\sum_{k\\ne y_i} z_{ik}` (for label smoothing) over class chunks."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -109,15 +111,19 @@ class _ChunkedRest(torch.autograd.Function):
         log_variance: Tensor | None,
         labels: Tensor,
         chunk: int,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         x_sq = x * x
         xx = x_sq.sum(1)
         running_max = torch.full_like(xx, float("-inf"))
         running_sum = torch.zeros_like(xx)
+        logit_sum = torch.zeros_like(xx)
         for start in range(0, means.shape[0], chunk):
             stop = min(start + chunk, means.shape[0])
             block_var = None if log_variance is None else log_variance[start:stop]
-            z = _mask_targets(_block_logits(x, x_sq, xx, means[start:stop], block_var), labels, start)
+            z = _block_logits(x, x_sq, xx, means[start:stop], block_var)
+            hit = _target_mask(z, labels, start)
+            logit_sum = logit_sum + z.masked_fill(hit, 0.0).sum(1)
+            z = z.masked_fill(hit, float("-inf"))
             new_max = torch.maximum(running_max, z.amax(1))
             safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
             running_sum = running_sum * torch.exp(running_max - safe) + torch.exp(z - safe[:, None]).sum(1)
@@ -126,12 +132,12 @@ class _ChunkedRest(torch.autograd.Function):
         rest = safe + running_sum.log()
         ctx.save_for_backward(x, means, log_variance, labels, rest)  # type: ignore[arg-type]
         ctx.chunk = chunk  # type: ignore[attr-defined]
-        return rest
+        return rest, logit_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_rest: Tensor
+        ctx: torch.autograd.function.FunctionCtx, grad_rest: Tensor, grad_sum: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, means, log_variance, labels, rest = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk: int = ctx.chunk  # type: ignore[attr-defined]
@@ -142,13 +148,16 @@ class _ChunkedRest(torch.autograd.Function):
         grad_means = torch.zeros_like(means) if needs[1] else None
         grad_var = torch.zeros_like(log_variance) if log_variance is not None and needs[2] else None
         scale = grad_rest.to(x.dtype)[:, None]
+        ones = grad_sum.to(x.dtype)[:, None]
         for start in range(0, means.shape[0], chunk):
             stop = min(start + chunk, means.shape[0])
             mu = means[start:stop]
             block_var = None if log_variance is None else log_variance[start:stop]
-            z = _mask_targets(_block_logits(x, x_sq, xx, mu, block_var), labels, start)
-            # dr/dz = the non-target softmax (exactly 0 at each row's target).
-            p = torch.exp(z - rest[:, None]) * scale
+            z = _block_logits(x, x_sq, xx, mu, block_var)
+            hit = _target_mask(z, labels, start)
+            # dr/dz = the non-target softmax and dS/dz = 1 (both exactly 0 at each row's target).
+            p = torch.exp(z.masked_fill(hit, float("-inf")) - rest[:, None]) * scale
+            p = p + torch.where(hit, torch.zeros_like(p), ones.expand_as(p))
             col = p.sum(0)[:, None]
             if block_var is None:
                 if grad_x is not None:
@@ -236,6 +245,7 @@ def lgm(
     alpha: float = 0.1,
     lambda_lkd: float = 0.01,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
     ignore_index: int = -100,
     chunk_size: ChunkSize = "auto",
 ) -> Tensor:
@@ -256,6 +266,7 @@ def lgm(
     alpha = _check_alpha(alpha)
     lambda_lkd = _check_lambda(lambda_lkd)
     reduction = V.check_choice("reduction", reduction, ("mean", "sum", "none"))
+    label_smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
     chunk_size = V.check_chunk_size(chunk_size)  # type: ignore[assignment]
     V.check_same_device(embeddings=embeddings, means=means)
     num_classes = means.shape[0]
@@ -269,16 +280,17 @@ def lgm(
         mu = means.to(compute)
         u = None if log_variance is None else log_variance.to(compute)
         if num_classes == 1:
-            rest = torch.full_like(x[:, 0], float("-inf"))
+            rest, rest_sum = torch.full_like(x[:, 0], float("-inf")), torch.zeros_like(x[:, 0])
         else:
             chunk = _resolve_chunk(chunk_size, x.shape[0], num_classes, x.device)
             if chunk is None:
-                rest = _plain_rest(x, mu, u, safe)
+                rest, rest_sum = _plain_rest(x, mu, u, safe)
             else:
-                rest = _ChunkedRest.apply(x, mu, u, safe, chunk)
+                rest, rest_sum = _ChunkedRest.apply(x, mu, u, safe, chunk)
         d_target, logdet = _target_terms(x, mu, u, safe)
         target = -0.5 * (1.0 + alpha) * d_target - 0.5 * logdet
-        row = torch.logaddexp(target, rest) - target + lambda_lkd * 0.5 * (d_target + logdet)
+        row = fused.softmax_row_loss(target, rest, rest_sum, num_classes, label_smoothing)
+        row = row + lambda_lkd * 0.5 * (d_target + logdet)
     return fused.reduce_rows(row, valid, reduction)
 
 
@@ -344,6 +356,9 @@ class LGM(nn.Module):
         ``update_sigma`` with ``isotropic: false``).
     reduction : {"mean", "sum", "none"}, default "mean"
         As in :class:`torch.nn.CrossEntropyLoss`; ``"mean"`` averages over non-ignored rows.
+    label_smoothing : float, default 0.0
+        As in :class:`torch.nn.CrossEntropyLoss`, on :math:`L_{cls}` (the logits :math:`z`
+        with the margin); the release has none.
     ignore_index : int, default -100
         Rows with this label contribute nothing.
     chunk_size : int, "auto" or None, default "auto"
@@ -390,6 +405,7 @@ class LGM(nn.Module):
         lambda_lkd: float = 0.01,
         covariance: str = "identity",
         reduction: str = "mean",
+        label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
         device: torch.device | str | None = None,
@@ -402,6 +418,7 @@ class LGM(nn.Module):
         self.lambda_lkd = _check_lambda(lambda_lkd)
         self.covariance = V.check_choice("covariance", covariance, COVARIANCES)
         self.reduction = V.check_choice("reduction", reduction, ("mean", "sum", "none"))
+        self.label_smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
         self.ignore_index = V.check_int64("ignore_index", ignore_index)
         self.chunk_size = V.check_chunk_size(chunk_size)
         self.means = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
@@ -425,8 +442,8 @@ class LGM(nn.Module):
         V.check_embeddings(embeddings, self.embedding_dim)
         return lgm(
             embeddings, self.means, labels, log_variance=self.log_variance, alpha=self.alpha,
-            lambda_lkd=self.lambda_lkd, reduction=self.reduction, ignore_index=self.ignore_index,
-            chunk_size=self.chunk_size,
+            lambda_lkd=self.lambda_lkd, reduction=self.reduction, label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index, chunk_size=self.chunk_size,
         )
 
     def logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -443,5 +460,8 @@ class LGM(nn.Module):
     def extra_repr(self) -> str:
         fields = [f"embedding_dim={self.embedding_dim}", f"num_classes={self.num_classes}"]
         fields += [f"{k}={v!r}" for k, v in self.hyperparameters().items()]
-        fields += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index!r}", f"chunk_size={self.chunk_size!r}"]
+        fields += [
+            f"reduction={self.reduction!r}", f"label_smoothing={self.label_smoothing!r}",
+            f"ignore_index={self.ignore_index!r}", f"chunk_size={self.chunk_size!r}",
+        ]
         return ", ".join(fields)
