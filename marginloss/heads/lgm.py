@@ -368,14 +368,10 @@ class LGM(nn.Module):
         up to :func:`marginloss.fused.plain_path_elements` logits, else
         :func:`marginloss.fused.default_chunk_size`.
     device, dtype : optional
-        Where and how the parameters are created.
-
-    Attributes
-    ----------
-    means : Parameter
-        ``[C, D]`` class means :math:`\mu_k` (Xavier-uniform, as the TensorFlow demo).
-    log_variance : Parameter or None
-        ``[C, D]`` :math:`\log\sigma_k^2` for ``covariance="diagonal"``.
+        Where and how the parameters are created: ``means`` ``[C, D]``, the class means
+        :math:`\mu_k` (Xavier-uniform, as the TensorFlow demo), and for
+        ``covariance="diagonal"`` ``log_variance`` ``[C, D]``, :math:`\log\sigma_k^2`
+        (``None`` otherwise).
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
