@@ -87,17 +87,25 @@ def test_matches_reference(pairs: str, chunk_size, cache) -> None:
 def test_centres_after_several_steps_and_eval_keeps_them() -> None:
     head = make_head(problem()[1], uniform_pairs="all", center_lr=0.3, chunk_size=4)
     centers = head.centers.clone()
-    for step in range(3):
+    for step in range(4):
         x, _, labels = problem(seed=10 + step)
-        _, _, _, centers = reference(x, problem()[1], labels, centers, "all", center_lr=0.3)
-        head(x, labels).backward()
+        ref_loss, _, _, centers = reference(x, problem()[1], labels, centers, "all", center_lr=0.3, uniform_weight=1.0)
+        loss = head(x, labels)
+        loss.backward()
+        # Steps after the first use the running pair total: the same loss as the full sum.
+        assert_close(loss, ref_loss, **TOL, what=f"loss at step {step}")
         assert_close(head.centers, centers, **TOL, what=f"centres after step {step}")
-    assert int(head.iteration) == 3
+        assert_close(head.uniform_term() * 9 * 8, head._pair_total, **TOL, what="running pair total")
+        if step == 1:
+            with torch.no_grad():
+                head.centers[0] = -head.centers[0]  # changed by hand: the total is recomputed
+                centers = head.centers.clone()
+    assert int(head.iteration) == 4
     head.eval()
     before = head.centers.clone()
     x, _, labels = problem(seed=20)
     loss = head(x, labels)
-    assert torch.equal(head.centers, before) and int(head.iteration) == 3
+    assert torch.equal(head.centers, before) and int(head.iteration) == 4
     # In eval the uniform loss is that of the stored centres (no update, no gradient).
     rows = marginloss.SphereFace(5, 9, **FIXED, dtype=torch.float64)
     rows.load_state_dict({k: v for k, v in head.state_dict().items() if k != "centers"})

@@ -63,7 +63,7 @@ def uniform_loss(centers: Tensor) -> Tensor:
 
     over all :math:`n(n-1)` ordered pairs; 0 for fewer than two centres.  Holds one
     ``[n, n]`` matrix: use it for a few centres (a batch's classes); :class:`UniformFace`
-    computes the loss over all classes in chunks.
+    computes the loss over all classes in blocks.
 
     Examples
     --------
@@ -80,55 +80,91 @@ def uniform_loss(centers: Tensor) -> Tensor:
     return torch.where(off, terms, torch.zeros_like(terms)).sum() / (n * (n - 1))
 
 
+def _block_rows(num_classes: int, device: torch.device) -> int:
+    """Rows of a ``[rows, C]`` block of about the engine's auto block size (4 MiB on the CPU)."""
+    elements = fused.default_chunk_size(1, 1 << 30, device)  # the block size in elements
+    return max(1, min(num_classes, elements // max(num_classes, 1)))
+
+
+def _total_pairs(unit: Tensor, chunk: int | None) -> Tensor:
+    r""":math:`\sum_{j \ne k} 1 / (\lVert\hat c_j - \hat c_k\rVert + 1)` over all ordered pairs of
+    the unit rows ``[C, D]``, ``[rows, C]`` blocks at a time, no autograd (float64)."""
+    num_classes = unit.shape[0]
+    rows = chunk if chunk is not None else _block_rows(num_classes, unit.device)
+    total = torch.zeros((), dtype=torch.float64, device=unit.device)
+    with torch.no_grad():
+        for start in range(0, num_classes, rows):
+            stop = min(start + rows, num_classes)
+            block = _pair_terms(unit[start:stop], unit)
+            diagonal = torch.arange(start, stop, device=unit.device)
+            block[diagonal - start, diagonal] = 0.0
+            total = total + block.sum(dtype=torch.float64)
+    return total
+
+
 def _chunk_pairs(rows: Tensor, cols: Tensor, weight: Tensor) -> Tensor:
     return (_pair_terms(rows, cols) * weight).sum()
 
 
-def _all_pairs_uniform(old: Tensor, classes: Tensor, new: Tensor, chunk: int) -> Tensor:
-    r""":math:`L_u` over all :math:`C(C-1)` pairs, ``old`` ``[C, D]`` (no gradient) with the
-    rows ``classes`` replaced by ``new`` (differentiable), never holding a ``[C, C]`` matrix.
+def _batch_pairs(full: Tensor, classes: Tensor, rows: Tensor, chunk: int | None, differentiable: bool) -> Tensor:
+    r"""Every ordered pair with a class of the batch, once: :math:`\sum_{j\in b}\sum_{k\ne j}
+    w_{jk} f(d_{jk})` with :math:`w = 1` for :math:`k` in the batch (``(k, j)`` is another
+    row) and 2 outside (``(k, j)`` has no row here).  ``full`` ``[C, D]`` unit centres whose
+    rows ``classes`` are ``rows`` ``[n, D]``; ``[n, chunk]`` blocks, under activation
+    checkpointing when ``differentiable``."""
+    num_classes = full.shape[0]
+    width = chunk if chunk is not None else fused.default_chunk_size(max(classes.numel(), 1), num_classes, full.device)
+    in_batch = torch.zeros(num_classes, dtype=torch.bool, device=full.device)
+    in_batch[classes] = True
+    base = torch.where(in_batch, 1.0, 2.0).to(full.dtype)
+    total = torch.zeros((), dtype=full.dtype, device=full.device)
+    for start in range(0, num_classes, width):
+        stop = min(start + width, num_classes)
+        weight = base[None, start:stop].expand(classes.numel(), -1).clone()
+        local = classes - start
+        inside = torch.nonzero((local >= 0) & (local < stop - start)).squeeze(1)
+        weight[inside, local[inside]] = 0.0
+        if differentiable:
+            part = checkpoint(_chunk_pairs, rows, full[start:stop], weight, use_reentrant=False)
+        else:
+            with torch.no_grad():
+                part = _chunk_pairs(rows, full[start:stop], weight)
+        total = total + part
+    return total
 
-    Pairs of two classes outside the batch are constants (summed without autograd, a
-    ``[chunk, C]`` block at a time); pairs with a batch class are ``[n, chunk]`` blocks
-    under activation checkpointing, so at most one block is held.
+
+def _all_pairs_uniform(
+    old: Tensor, classes: Tensor, new: Tensor, chunk: int | None, total: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r""":math:`L_u` over all :math:`C(C-1)` pairs of the centres ``old`` ``[C, D]`` (no
+    gradient) with the rows ``classes`` replaced by ``new`` (differentiable), and the new
+    pair total; never a ``[C, C]`` matrix.
+
+    ``total`` is the pair sum of ``old`` if known (else computed, :math:`O(C^2 D)`).  Pairs of
+    two classes outside the batch are then ``total`` minus the old pairs with a batch class,
+    so a step costs :math:`O(n C D)`, two passes of ``[n, chunk]`` blocks.
     """
     num_classes = old.shape[0]
     unit_old = F.normalize(old, dim=1)
+    if total is None:
+        total = _total_pairs(unit_old, chunk)
+    old_part = _batch_pairs(unit_old, classes, unit_old[classes], chunk, differentiable=False)
     unit_new = F.normalize(new, dim=1)
-    in_batch = torch.zeros(num_classes, dtype=torch.bool, device=old.device)
-    in_batch[classes] = True
     full = unit_old.index_copy(0, classes, unit_new)
-    outside = (~in_batch).to(old.dtype)
-    constant = torch.zeros((), dtype=old.dtype, device=old.device)
-    with torch.no_grad():
-        for start in range(0, num_classes, chunk):
-            stop = min(start + chunk, num_classes)
-            block = _pair_terms(unit_old[start:stop], unit_old) * outside[start:stop, None] * outside[None, :]
-            diagonal = torch.arange(start, stop, device=old.device)
-            block[diagonal - start, diagonal] = 0.0
-            constant = constant + block.sum()
-    total = constant
-    # Ordered pairs (j, k) with j in the batch: weight 1 if k is in the batch too (the pair
-    # (k, j) is another row), 2 if not ((k, j) has no row here), 0 on j = k.
-    base = torch.where(in_batch, 1.0, 2.0).to(old.dtype)
-    for start in range(0, num_classes, chunk):
-        stop = min(start + chunk, num_classes)
-        weight = base[None, start:stop].expand(classes.numel(), -1).clone()
-        local = classes - start
-        inside = (local >= 0) & (local < stop - start)
-        rows = torch.nonzero(inside).squeeze(1)
-        weight[rows, local[rows]] = 0.0
-        part = checkpoint(_chunk_pairs, unit_new, full[start:stop], weight, use_reentrant=False)
-        total = total + part
-    return total / (num_classes * (num_classes - 1))
+    new_part = _batch_pairs(full, classes, unit_new, chunk, differentiable=True)
+    constant = (total - old_part.to(torch.float64)).to(new_part.dtype)
+    value = (constant + new_part) / (num_classes * (num_classes - 1))
+    return value, (constant.to(torch.float64) + new_part.detach().to(torch.float64))
 
 
-def _uniform_of(centers: Tensor, classes: Tensor, new_rows: Tensor, pairs: str, chunk: int) -> Tensor:
+def _uniform_of(
+    centers: Tensor, classes: Tensor, new_rows: Tensor, pairs: str, chunk: int | None, total: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     if pairs == "batch":
-        return uniform_loss(new_rows)
+        return uniform_loss(new_rows), None
     if centers.shape[0] < 2:
-        return new_rows.sum() * 0.0
-    return _all_pairs_uniform(centers, classes, new_rows, chunk)
+        return new_rows.sum() * 0.0, None
+    return _all_pairs_uniform(centers, classes, new_rows, chunk, total)
 
 
 def uniformface(
@@ -176,8 +212,8 @@ def uniformface(
     classes, inverse = torch.unique(labels[valid], return_inverse=True)
     old = centers.detach().to(compute)
     new_rows = update_centers(old[classes], embeddings.to(compute)[valid], inverse, center_lr)
-    chunk = chunk_size if isinstance(chunk_size, int) else 4096
-    uniform = _uniform_of(old, classes, new_rows, uniform_pairs, chunk).to(loss.dtype) * uniform_weight
+    chunk = chunk_size if isinstance(chunk_size, int) else None
+    uniform = _uniform_of(old, classes, new_rows, uniform_pairs, chunk)[0].to(loss.dtype) * uniform_weight
     if reduction != "none":
         return loss + uniform
     per_row = uniform / valid.sum().clamp_min(1).to(loss.dtype)
@@ -212,10 +248,14 @@ class UniformFace(SphereFace):
     random unit vectors from a fixed seed (the same on every rank and in every process).
 
     **Which pairs.**  ``uniform_pairs="all"`` (default, the paper's formula): all
-    :math:`C(C-1)` ordered pairs, :math:`O(C^2 D)` work per step but never a ``[C, C]``
-    matrix: pairs of two classes outside the batch are constants summed in ``[chunk, C]``
-    blocks without autograd, pairs with a batch class in ``[n, chunk]`` blocks under
-    activation checkpointing (``chunk`` from ``chunk_size``, ``"auto"``/``None`` = 4096).
+    :math:`C(C-1)` ordered pairs, never a ``[C, C]`` matrix.  Only pairs with one of the
+    batch's :math:`n` classes change in a step; the head keeps the running sum of all pair
+    terms, so a step costs :math:`O(nCD)` (the old and the new pairs of the batch's classes,
+    ``[n, chunk]`` blocks, the new ones under activation checkpointing so that one block is
+    held), like the A-Softmax logits themselves.  The full :math:`O(C^2 D)` sum (``[rows,
+    C]`` blocks without autograd) runs on the first step and whenever the centres were
+    changed other than by a training step (a loaded ``state_dict``, ``.to()``).
+    ``chunk`` is ``chunk_size`` when it is an int, else the engine's auto block size.
     ``uniform_pairs="batch"``: only the :math:`n(n-1)` pairs among the :math:`n` distinct
     classes of the batch, one ``[n, n]`` matrix (:math:`n \le B`), the cheap estimate the
     public ports compute.
@@ -311,24 +351,27 @@ class UniformFace(SphereFace):
         start = F.normalize(start, dim=1).to(dtype=self.weight.dtype, device=self.weight.device)
         self.register_buffer("centers", start)
         self._replay_rows: Tensor | None = None
+        # Running sum of the pair terms of the stored centres (uniform_pairs="all"), so that a
+        # step costs O(n C D): refreshed each step, recomputed when the centres changed else.
+        self._pair_total: Tensor | None = None
+        self._pair_stamp: tuple[int, int] = (0, -1)
+        self._replay_total: Tensor | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         found = super().hyperparameters()
         found.update(uniform_weight=self.uniform_weight, center_lr=self.center_lr, uniform_pairs=self.uniform_pairs)
         return found
 
-    def _pair_chunk(self) -> int:
-        return self.chunk_size if isinstance(self.chunk_size, int) else 4096
+    def _pair_chunk(self) -> int | None:
+        return self.chunk_size if isinstance(self.chunk_size, int) else None
 
     def uniform_term(self) -> Tensor:
-        r""":math:`L_u` of the stored centres, over the pairs ``uniform_pairs="all"`` covers
-        (all classes; no gradient, chunked)."""
-        with torch.no_grad():
-            old = self.centers.to(torch.promote_types(self.centers.dtype, torch.float32))
-            classes = torch.zeros(1, dtype=torch.long, device=old.device)
-            if old.shape[0] < 2:
-                return old.sum() * 0.0
-            return _all_pairs_uniform(old, classes, old[:1], self._pair_chunk())
+        r""":math:`L_u` of the stored centres over all :math:`C(C-1)` pairs (no gradient;
+        ``[rows, C]`` blocks, :math:`O(C^2 D)`)."""
+        if self.num_classes < 2:
+            return torch.zeros((), dtype=torch.float64, device=self.centers.device)
+        unit = F.normalize(self.centers.detach().to(torch.promote_types(self.centers.dtype, torch.float32)), dim=1)
+        return _total_pairs(unit, self._pair_chunk()) / (self.num_classes * (self.num_classes - 1))
 
     def _global_batch(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         assert self.process_group is not None
@@ -346,22 +389,36 @@ class UniformFace(SphereFace):
         all_labels = sharding.all_gather_rows(labels.long(), group, batch_sizes)
         return gathered, all_labels
 
+    def _known_total(self) -> Tensor | None:
+        """The running pair total of the stored centres, if they are unchanged since it was
+        taken (a loaded ``state_dict``, ``.to()`` or an edit by hand invalidate it)."""
+        if self._pair_total is None or self._pair_stamp != (self.centers.data_ptr(), self.centers._version):
+            return None
+        return self._pair_total
+
     def _uniform(self, embeddings: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
         compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.centers.dtype), torch.float32)
         classes, inverse = torch.unique(labels[valid], return_inverse=True)
         replay = fused.replaying_forward()
         if replay and self._replay_rows is not None and self._replay_rows.shape[0] == classes.numel():
             old_rows = self._replay_rows.to(compute)
+            known = self._replay_total
         else:
             old_rows = self.centers[classes].to(compute)
+            known = self._known_total()
         x = embeddings.to(compute)[valid]
         new_rows = update_centers(old_rows, x, inverse, self.center_lr) if self.training else old_rows
         if self.training and not replay:
-            self._replay_rows = old_rows.detach().clone()
+            self._replay_rows, self._replay_total = old_rows.detach().clone(), known
             with torch.no_grad():
                 self.centers[classes] = new_rows.detach().to(self.centers.dtype)
-        # In "all", rows of the batch's classes are replaced by new_rows; the rest are constants.
-        return _uniform_of(self.centers.detach().to(compute), classes, new_rows, self.uniform_pairs, self._pair_chunk())
+        # The centres before this step (the buffer may already hold the new rows).
+        before = self.centers.detach().to(compute).index_copy(0, classes, old_rows.detach())
+        value, total = _uniform_of(before, classes, new_rows, self.uniform_pairs, self._pair_chunk(), known)
+        if total is not None and not replay:
+            self._pair_total = total
+            self._pair_stamp = (self.centers.data_ptr(), self.centers._version)
+        return value
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The A-Softmax loss of the batch plus ``uniform_weight`` times the uniform loss."""
