@@ -264,3 +264,23 @@ def test_trains_toy_problem() -> None:
         opt.step()
     assert float(head(x, labels).detach()) < 0.5 * first
     assert float((head.logits(x).argmax(1) == labels).float().mean()) > 0.8
+
+
+@pytest.mark.parametrize("covariance", ["identity", "diagonal"])
+def test_chunked_path_holds_one_block_of_at_most_chunk_classes(covariance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from marginloss.heads import lgm as module
+
+    widths: list[tuple[int, ...]] = []
+    original = module._block_logits
+
+    def spy(*args):
+        out = original(*args)
+        widths.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(module, "_block_logits", spy)
+    head = marginloss.LGM(4, 23, covariance=covariance, chunk_size=5)
+    x = torch.randn(6, 4, requires_grad=True)
+    head(x, torch.randint(0, 23, (6,))).backward()
+    # Forward and backward each walk the 23 classes in 5 blocks of at most [6, 5].
+    assert widths == [(6, 5)] * 4 + [(6, 3)] + [(6, 5)] * 4 + [(6, 3)]

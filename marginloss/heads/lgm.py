@@ -362,11 +362,13 @@ class LGM(nn.Module):
     ignore_index : int, default -100
         Rows with this label contribute nothing.
     chunk_size : int, "auto" or None, default "auto"
-        ``None``: plain ``[B, C]`` autograd; an int: classes per chunk, one ``[B, chunk]``
-        block at a time (forward and backward; blocks are always recomputed in backward,
-        :func:`marginloss.fused.set_backward_cache_bytes` does not apply); ``"auto"``: plain
-        up to :func:`marginloss.fused.plain_path_elements` logits, else
-        :func:`marginloss.fused.default_chunk_size`.
+        ``None``: plain ``[B, C]`` autograd (twice differentiable); an int: classes per
+        chunk, one ``[B, chunk]`` block at a time in forward and backward (blocks are always
+        recomputed in backward, :func:`marginloss.fused.set_backward_cache_bytes` does not
+        apply; once differentiable: use ``None`` for a ``create_graph=True`` backward);
+        ``"auto"``: plain up to :func:`marginloss.fused.plain_path_elements` logits, else
+        :func:`marginloss.fused.default_chunk_size`.  Both paths trace under
+        ``torch.compile(fullgraph=True)``.
     device, dtype : optional
         Where and how the parameters are created: ``means`` ``[C, D]``, the class means
         :math:`\mu_k` (Xavier-uniform, as the TensorFlow demo), and for

@@ -267,6 +267,11 @@ class UniformFace(SphereFace):
     centres are replicated on every rank and :math:`L_u` is computed on the global batch,
     identically on every rank.
 
+    ``torch.compile(head, fullgraph=True)`` does not apply: the batch's distinct classes
+    (:func:`torch.unique`) have a data-dependent count, and the centre update writes a
+    buffer; compile the backbone and call the head eagerly (or let ``torch.compile`` break
+    the graph there).
+
     Duan, Lu & Zhou, "UniformFace: Learning Deep Equidistributed Representation for Face
     Recognition", CVPR 2019.  No official release exists; ``uniform_weight`` 1.0 is the
     weight of the public PyTorch port (ka-tsu-mo/pytorch-uniformface), ``center_lr`` 0.5 the
