@@ -191,8 +191,8 @@ def lgm_logits(
     means: Tensor,
     labels: Tensor | None = None,
     *,
-    log_variance: Tensor | None = None,
     alpha: float = 0.1,
+    log_variance: Tensor | None = None,
     ignore_index: int = -100,
 ) -> Tensor:
     r"""``[B, C]`` L-GM logits :math:`-\tfrac12 d_{ik} - \tfrac12\log\lvert\Lambda_k\rvert`;
@@ -241,9 +241,9 @@ def lgm(
     means: Tensor,
     labels: Tensor,
     *,
-    log_variance: Tensor | None = None,
     alpha: float = 0.1,
     lambda_lkd: float = 0.01,
+    log_variance: Tensor | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
@@ -251,8 +251,9 @@ def lgm(
 ) -> Tensor:
     r"""The L-GM loss :math:`L_{cls} + \lambda L_{lkd}`; see :class:`marginloss.LGM`.
 
-    ``means`` is ``[C, D]``; ``log_variance`` (``[C, D]``, :math:`\log\sigma^2`) gives the
-    diagonal covariance, ``None`` the identity.
+    The module's arguments in its order, with the parameters as tensors: ``means`` ``[C, D]``
+    and, in place of ``covariance``, ``log_variance`` (``[C, D]``, :math:`\log\sigma^2`: the
+    diagonal covariance; ``None``: the identity).
 
     Examples
     --------
