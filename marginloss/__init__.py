@@ -3,6 +3,7 @@
 from marginloss import distributed, functional, fused, metrics, miners, samplers, sharding
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import (
+    LGM,
     ArcFace,
     CombinedMargin,
     CosFace,
@@ -11,6 +12,7 @@ from marginloss.heads import (
     MarginHead,
     NormFace,
     SphereFace,
+    UniformFace,
     create_head,
     list_heads,
     register_head,
@@ -41,6 +43,7 @@ from marginloss.losses import (
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "LGM",
     "ArcFace",
     "CenterLoss",
     "CombinedMargin",
@@ -59,6 +62,7 @@ __all__ = [
     "SoftTripleLoss",
     "SphereFace",
     "TripletLoss",
+    "UniformFace",
     "__version__",
     "center_loss",
     "contrastive_loss",

@@ -39,6 +39,7 @@ from marginloss.heads.combined_margin import (
     combined_margin_target,
 )
 from marginloss.heads.cosface import cosface, cosface_logits, cosface_target
+from marginloss.heads.lgm import lgm, lgm_logits
 from marginloss.heads.lsoftmax import lsoftmax, lsoftmax_logits, lsoftmax_target
 from marginloss.heads.normface import normface
 from marginloss.heads.sphereface import (
@@ -48,6 +49,7 @@ from marginloss.heads.sphereface import (
     sphereface_logits,
     sphereface_target,
 )
+from marginloss.heads.uniformface import uniform_loss, uniformface, update_centers
 from marginloss.losses import (
     center_loss,
     contrastive_loss,
@@ -75,6 +77,8 @@ __all__ = [
     "cosface",
     "cosface_logits",
     "cosface_target",
+    "lgm",
+    "lgm_logits",
     "lifted_structure_loss",
     "lsoftmax",
     "lsoftmax_logits",
@@ -91,6 +95,9 @@ __all__ = [
     "sphereface_logits",
     "sphereface_target",
     "triplet_loss",
+    "uniform_loss",
+    "uniformface",
+    "update_centers",
 ]
 
 

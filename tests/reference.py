@@ -202,3 +202,85 @@ def generic_head_loss(
             rest = sum(torch.nn.functional.softplus(z[j]) for j in range(classes) if j != y)
             rows.append(torch.nn.functional.softplus(-z[y]) + rest)
     return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- L-GM and UniformFace (issue 14)
+
+
+def lgm_loss(
+    x: Tensor,
+    means: Tensor,
+    labels: Tensor,
+    *,
+    log_variance: Tensor | None = None,
+    alpha: float,
+    lambda_lkd: float,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Row losses of L-GM (Wan et al., CVPR 2018), one sample and one class at a time.
+
+    d_k = (x - mu_k)^T diag(sigma_k^2)^{-1} (x - mu_k);  z_k = -(1 + alpha [k = y]) d_k / 2
+    - log|Lambda_k| / 2;  row = -log softmax(z)_y + lambda (d_y / 2 + log|Lambda_y| / 2).
+    Ignored rows are 0.
+    """
+    rows = []
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        if y == ignore_index:
+            rows.append(x.sum() * 0.0)
+            continue
+        z = []
+        d_y = logdet_y = None
+        for k in range(means.shape[0]):
+            variance = torch.ones_like(means[k]) if log_variance is None else torch.exp(log_variance[k])
+            d = sum((x[i, c] - means[k, c]) ** 2 / variance[c] for c in range(x.shape[1]))
+            logdet = torch.log(variance).sum()
+            margin = 1.0 + alpha if k == y else 1.0
+            z.append(-0.5 * margin * d - 0.5 * logdet)
+            if k == y:
+                d_y, logdet_y = d, logdet
+        log_p = torch.stack(z) - torch.logsumexp(torch.stack(z), dim=0)
+        smoothed = -(1 - label_smoothing) * log_p[y] - label_smoothing / means.shape[0] * log_p.sum()
+        rows.append(smoothed + lambda_lkd * (0.5 * d_y + 0.5 * logdet_y))
+    return torch.stack(rows)
+
+
+def uniformface_reference(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    centers: Tensor,
+    *,
+    margin: int,
+    lambda_: float,
+    uniform_weight: float,
+    center_lr: float,
+    pairs: str,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """UniformFace (Duan et al., CVPR 2019): A-Softmax row losses, the uniform loss at the
+    centres after this batch's update, and those centres; loops over samples and pairs.
+
+    Update: c_j <- c_j - a * sum_{i: y_i = j} (c_j - x_i/|x_i|) / (1 + n_j).
+    L_u = 1 / (n (n-1)) sum_{j != k} 1 / (|c_j/|c_j| - c_k/|c_k|| + 1) over all classes
+    (``pairs="all"``) or the batch's classes (``"batch"``).
+    """
+    rows = head_loss("sphereface", x, weight, labels, {"margin": margin, "lambda_": lambda_}, reduction="none",
+                     ignore_index=ignore_index)
+    new = [centers[j] for j in range(centers.shape[0])]
+    seen = sorted({int(v) for v in labels if int(v) != ignore_index})
+    for j in seen:
+        members = [i for i in range(x.shape[0]) if int(labels[i]) == j]
+        delta = sum(centers[j] - x[i] / x[i].norm() for i in members) / (1 + len(members))
+        new[j] = centers[j] - center_lr * delta
+    chosen = list(range(centers.shape[0])) if pairs == "all" else seen
+    total = x.sum() * 0.0
+    for j in chosen:
+        for k in chosen:
+            if j != k:
+                cj, ck = new[j] / new[j].norm(), new[k] / new[k].norm()
+                total = total + 1.0 / ((cj - ck).norm() + 1.0)
+    n = len(chosen)
+    uniform = total / (n * (n - 1)) if n >= 2 else total
+    return rows, uniform_weight * uniform, torch.stack(new)

@@ -45,6 +45,7 @@ HEADS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "lsoftmax": (marginloss.LSoftmax, {"margin": 2, "lambda_base": 0.5, "lambda_min": 0.5}),
     "normface": (marginloss.NormFace, {"scale": 8.0}),
     "combined": (marginloss.CombinedMargin, {"scale": 16.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}),
+    "uniformface": (marginloss.UniformFace, {"margin": 4, "lambda_base": 1.0, "lambda_min": 1.0, "uniform_weight": 2.0}),
 }
 
 
@@ -98,6 +99,8 @@ def cases(world_size: int) -> list[Case]:
             Case("arcface", 13, (5, 3), label_smoothing=0.1, sample_rate=0.5, steps=2),
             Case("sphereface", 12, (4, 4), ignored_rows=True, sample_rate=0.3, steps=2),
             Case("cosface", 12, (0, 0)),
+            Case("uniformface", 13, (5, 3), chunk_size=2, reduction="none", ignored_rows=True),
+            Case("uniformface", 12, (4, 4)),
         ]
     return [
         *[

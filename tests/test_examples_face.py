@@ -498,3 +498,12 @@ def test_demo_record_holds_the_figures_and_their_conditions(tmp_path: Path) -> N
         assert key in runs[0], key
     assert runs[0]["machine"]["logical_cores"] >= 1 and runs[0]["data"]["num_identities"] == make_toy_faces.SMOKE["num_identities"]
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["wall_s"] == runs[1]["wall_s"]
+
+@pytest.mark.parametrize("head", ["lgm", "uniformface"])
+def test_gaussian_mixture_and_uniform_heads_train_and_verify(head: str, toy_data: Path, tmp_path: Path) -> None:
+    argv = ["--data", str(toy_data), "--out", str(tmp_path), "--head", head, "--smoke", "--no-plot", *FAST]
+    assert train.main(argv) == 0
+    assert _rows(tmp_path / "metrics.csv")[0]["head"] == head
+    status = verify.main(["--data", str(toy_data), "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path),
+                          "--no-progress"])
+    assert status == 0

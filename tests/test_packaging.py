@@ -31,7 +31,10 @@ import pytest
 pytestmark = pytest.mark.xdist_group("packaging")
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD_FILES = ("__init__", "_common", "base", "arcface", "combined_margin", "cosface", "lsoftmax", "normface", "sphereface")
+HEAD_FILES = (
+    "__init__", "_common", "base", "arcface", "combined_margin", "cosface", "lgm", "lsoftmax", "normface", "sphereface",
+    "uniformface",
+)
 MODULES = (
     "__init__", "_validation", "distributed", "functional", "fused", "sharding", "samplers", "losses/__init__", "metrics", "miners",
     *(f"heads/{name}" for name in HEAD_FILES),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface")
+HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface", "lgm", "uniformface")
 
 # Toy defaults (used when --scale/--margin are not given). The papers' values are larger:
 # ArcFace s=64 m=0.5, CosFace s=64 m=0.35, NormFace s=16, combined (InsightFace) s=64
@@ -36,6 +36,10 @@ HEAD_DEFAULTS: dict[str, dict[str, float]] = {
     "combined": {"scale": 24.0, "m1": 1.0, "m2": 0.2, "m3": 0.1},
     "sphereface": {"margin": 4, "lambda_gamma": 1.0},
     "lsoftmax": {"margin": 4, "lambda_gamma": 1.0, "lambda_power": 1.0, "lambda_min": 5.0},
+    # L-GM: the release's alpha and lambda (its embeddings suit Euclidean verification);
+    # UniformFace: SphereFace's toy schedule plus the uniform loss at weight 1.
+    "lgm": {"alpha": 0.1, "lambda_lkd": 0.01},
+    "uniformface": {"margin": 4, "lambda_gamma": 1.0, "uniform_weight": 1.0},
 }
 
 CHECKPOINT_FORMAT = "marginloss-face-example/1"
@@ -97,11 +101,13 @@ def make_head(name: str, embedding_dim: int, num_classes: int, kwargs: dict[str,
         return SoftmaxHead(embedding_dim, num_classes, label_smoothing=label_smoothing)
     import marginloss  # the library is only needed for the margin heads
 
+    if name == "lgm":  # a Gaussian-mixture head, not a registered MarginHead
+        return marginloss.LGM(embedding_dim, num_classes, label_smoothing=label_smoothing, **kwargs)
     registered = {"combined": "combined_margin"}.get(name, name)  # the CLI's short name
     if name not in HEADS or registered not in marginloss.list_heads():
         raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
     options = dict(kwargs)
-    if name in ("sphereface", "lsoftmax"):
+    if name in ("sphereface", "lsoftmax", "uniformface"):
         options["margin"] = int(options["margin"])  # an integer multiplicative margin
     return marginloss.create_head(registered, embedding_dim, num_classes, label_smoothing=label_smoothing, **options)
 

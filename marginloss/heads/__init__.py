@@ -14,11 +14,14 @@ from marginloss.heads.arcface import ArcFace
 from marginloss.heads.base import MarginContext, MarginHead, create_head, list_heads, register_head
 from marginloss.heads.combined_margin import CombinedMargin
 from marginloss.heads.cosface import CosFace
+from marginloss.heads.lgm import LGM
 from marginloss.heads.lsoftmax import LSoftmax
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
+from marginloss.heads.uniformface import UniformFace
 
 __all__ = [
+    "LGM",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
@@ -27,6 +30,7 @@ __all__ = [
     "MarginHead",
     "NormFace",
     "SphereFace",
+    "UniformFace",
     "create_head",
     "list_heads",
     "register_head",
