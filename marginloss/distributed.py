@@ -19,7 +19,7 @@ the **same loss as a single-process head on the concatenated global batch**, exa
    target cosine if it holds the target class;
 4. all-reduces of O(B) floats (the target cosines and norms, the per-row max, then the sum
    of shifted exponentials and sums) assemble the global row statistics, identical on every
-   rank, so the head's margin (:meth:`~marginloss.MarginHead.target`) runs on the whole
+   rank, so the head's margin (:meth:`marginloss.MarginHead.target`) runs on the whole
    global batch on every rank alike.
 
 Backward recomputes each chunk of the local shard (but the ones kept within the engine's
@@ -250,7 +250,7 @@ def gather_weight(
 
     Parameters
     ----------
-    head : a classification head
+    head : marginloss.MarginHead
         Built with or without ``process_group`` (then this is a copy of its weight).
     dst : int or None, default None
         ``None``: every rank gets the full weight; a rank (of the group): only that rank
@@ -329,7 +329,7 @@ def load_full_weight(head: MarginHead, full_weight: Tensor | None, *, src: int |
 
     Parameters
     ----------
-    head : a classification head
+    head : marginloss.MarginHead
         Built with or without ``process_group``.
     full_weight : Tensor or None
         ``[num_classes, embedding_dim]`` on every rank (``src=None``, e.g. each rank loads

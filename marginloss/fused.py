@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 TargetFn = Callable[[Tensor], Tensor]
-"""A margin transform of the target cosines: ``cos_target [B] -> f(cos_target) [B]``."""
+"""The type of a margin on the target cosines, ``cos_target [B] -> f(cos_target) [B]``."""
 
 ChunkSize = Union[int, str, None]
 Scale = Union[float, Tensor]
@@ -244,7 +244,7 @@ class MarginContext:
     scale : float or Tensor
         The scale :math:`s` of this call.
     cos_target : Tensor or None
-        ``[B]`` detached target cosines, set before :meth:`~marginloss.MarginHead.prepare`
+        ``[B]`` detached target cosines, set before :meth:`marginloss.MarginHead.prepare`
         and ``non_target`` run.
     rest : Tensor or None
         ``[B]`` detached non-target row statistic (log-sum-exp, or sum of softplus), set
@@ -1469,19 +1469,19 @@ def margin_loss(
         ``[C·K, D]`` class weights, or this rank's ``[shard_size·K, D]`` with a group.
     labels : Tensor
         ``[B]`` integer class indices in ``[0, C)`` or ``ignore_index``.
-    target : callable ``(cos [B], MarginContext) -> [B]``
-        The margin on the target cosines, in cosine units; any tensor it uses gets its exact
+    target : callable
+        ``(cos [B], MarginContext) -> [B]``: the margin on the target cosines, in cosine units; any tensor it uses gets its exact
         gradient on every path.
-    non_target : callable ``(cos, MarginContext) -> same shape``, optional
-        An elementwise transform of the non-target cosines (a ``[B, n]`` block at a time;
+    non_target : callable, optional
+        ``(cos, MarginContext) -> same shape``: an elementwise transform of the non-target cosines (a ``[B, n]`` block at a time;
         per-row parameters broadcast as ``[B, 1]``); gradient-free apart from ``cos``.
     non_target_grad : callable, optional
-        Its elementwise derivative (otherwise autograd differentiates each chunk).
-    prepare : callable ``(MarginContext) -> None``, optional
-        Called once per call with ``context.cos_target`` set, before any logit is computed:
+        ``(cos, MarginContext) -> same shape``: its elementwise derivative (otherwise autograd differentiates each chunk).
+    prepare : callable, optional
+        ``(MarginContext) -> None``, called once per call with ``context.cos_target`` set, before any logit is computed:
         where a head advances its state.
-    row_loss : callable ``(target_logit, rest, rest_sum, MarginContext) -> [B]``, optional
-        Replaces the default row loss of ``loss_form``.
+    row_loss : callable, optional
+        ``(target_logit, rest, rest_sum, MarginContext) -> [B]``: replaces the default row loss of ``loss_form``.
     scale : float or Tensor, default 1.0
         :math:`s` (a one-element tensor may require grad or change every step).
     bias : Tensor, optional

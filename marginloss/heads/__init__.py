@@ -1,11 +1,11 @@
-"""Margin softmax classification heads: one file per head, all on :class:`MarginHead`.
+"""Margin softmax classification heads: one file per head, all on :class:`marginloss.MarginHead`.
 
 Every head holds ``weight`` ``[num_classes, embedding_dim]`` (the layout of
 :class:`torch.nn.Linear`, no bias) and its hyperparameters, and maps
 ``(embeddings [B, D], labels [B])`` to the loss.  Besides ``forward`` each head offers
 ``logits(embeddings, labels=None)`` (``[B, C]`` margin logits with labels, margin-free
 inference logits without) and ``cosine(embeddings)`` (``[B, C]`` :math:`\\cos\\theta`).
-The keyword arguments every head shares are documented on :class:`MarginHead`.
+The keyword arguments every head shares are documented on :class:`marginloss.MarginHead`.
 """
 
 from __future__ import annotations

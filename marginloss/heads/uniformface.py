@@ -62,7 +62,7 @@ def uniform_loss(centers: Tensor) -> Tensor:
         L_u = \frac{1}{n(n-1)} \sum_{j=1}^{n} \sum_{k \ne j} \frac{1}{\lVert\hat c_j - \hat c_k\rVert_2 + 1}
 
     over all :math:`n(n-1)` ordered pairs; 0 for fewer than two centres.  Holds one
-    ``[n, n]`` matrix: use it for a few centres (a batch's classes); :class:`UniformFace`
+    ``[n, n]`` matrix: use it for a few centres (a batch's classes); :class:`marginloss.UniformFace`
     computes the loss over all classes in blocks.
 
     Examples
@@ -268,7 +268,7 @@ class UniformFace(SphereFace):
     identically on every rank.
 
     ``torch.compile(head, fullgraph=True)`` does not apply: the batch's distinct classes
-    (:func:`torch.unique`) have a data-dependent count, and the centre update writes a
+    (``torch.unique``) have a data-dependent count, and the centre update writes a
     buffer; compile the backbone and call the head eagerly (or let ``torch.compile`` break
     the graph there).
 
