@@ -39,6 +39,17 @@ from marginloss.heads.combined_margin import (
     combined_margin_target,
 )
 from marginloss.heads.cosface import cosface, cosface_logits, cosface_target
+from marginloss.heads.curricularface import (
+    curricularface,
+    curricularface_logits,
+    curricularface_non_target,
+)
+from marginloss.heads.elasticface import (
+    elastic_margins,
+    elasticface,
+    elasticface_logits,
+    elasticface_target,
+)
 from marginloss.heads.lsoftmax import lsoftmax, lsoftmax_logits, lsoftmax_target
 from marginloss.heads.normface import normface
 from marginloss.heads.sphereface import (
@@ -48,6 +59,7 @@ from marginloss.heads.sphereface import (
     sphereface_logits,
     sphereface_target,
 )
+from marginloss.heads.subcenter_arcface import subcenter_arcface, subcenter_arcface_logits
 from marginloss.losses import (
     center_loss,
     contrastive_loss,
@@ -75,6 +87,13 @@ __all__ = [
     "cosface",
     "cosface_logits",
     "cosface_target",
+    "curricularface",
+    "curricularface_logits",
+    "curricularface_non_target",
+    "elastic_margins",
+    "elasticface",
+    "elasticface_logits",
+    "elasticface_target",
     "lifted_structure_loss",
     "lsoftmax",
     "lsoftmax_logits",
@@ -90,6 +109,8 @@ __all__ = [
     "sphereface",
     "sphereface_logits",
     "sphereface_target",
+    "subcenter_arcface",
+    "subcenter_arcface_logits",
     "triplet_loss",
 ]
 

@@ -14,19 +14,25 @@ from marginloss.heads.arcface import ArcFace
 from marginloss.heads.base import MarginContext, MarginHead, create_head, list_heads, register_head
 from marginloss.heads.combined_margin import CombinedMargin
 from marginloss.heads.cosface import CosFace
+from marginloss.heads.curricularface import CurricularFace
+from marginloss.heads.elasticface import ElasticFace
 from marginloss.heads.lsoftmax import LSoftmax
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
+from marginloss.heads.subcenter_arcface import SubCenterArcFace
 
 __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
+    "ElasticFace",
     "LSoftmax",
     "MarginContext",
     "MarginHead",
     "NormFace",
     "SphereFace",
+    "SubCenterArcFace",
     "create_head",
     "list_heads",
     "register_head",
