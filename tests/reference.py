@@ -285,7 +285,7 @@ def curricularface_loss(
             continue
         kept += 1
         theta_y = torch.acos(_cosine(x[i], weight[y]).clamp(-1.0, 1.0))
-        threshold = float(torch.cos(theta_y + margin))
+        threshold = float(torch.cos(theta_y.detach() + margin))
         logits = []
         for j in range(weight.shape[0]):
             cos = _cosine(x[i], weight[j])

@@ -45,8 +45,10 @@ def _check_t(t: Modulation) -> None:
 
 def _hard_threshold(cos_target: Tensor, margin: float) -> Tensor:
     # cos(θ_y + m) itself (no fallback): the release compares the non-target cosines with
-    # its cos_theta_m, computed before ArcFace's fallback branch is applied.
-    return cos_target * math.cos(margin) - safe_sin(cos_target) * math.sin(margin)
+    # its cos_theta_m, computed before ArcFace's fallback branch is applied.  A constant:
+    # the comparison carries no gradient.
+    with torch.no_grad():
+        return cos_target * math.cos(margin) - safe_sin(cos_target) * math.sin(margin)
 
 
 def curricularface_non_target(cos: Tensor, cos_target: Tensor, margin: float = 0.5, t: Modulation = 0.0) -> Tensor:
@@ -69,10 +71,10 @@ def curricularface_non_target(cos: Tensor, cos_target: Tensor, margin: float = 0
     >>> curricularface_non_target(cos, torch.tensor([0.8]), 0.5, t=0.5)  # 0.9 > cos(acos 0.8 + 0.5)
     tensor([[1.2600, 0.1000]])
     """
-    threshold = _hard_threshold(cos_target.detach(), margin).to(cos.dtype)
+    threshold = _hard_threshold(cos_target, margin).to(cos.dtype)
     if cos.dim() == threshold.dim() + 1:
         threshold = threshold[:, None]
-    t_value = t.detach().to(cos.dtype) if isinstance(t, Tensor) else t
+    t_value = t.to(cos.dtype) if isinstance(t, Tensor) else t
     return torch.where(cos > threshold, cos * (t_value + cos), cos)
 
 
@@ -151,8 +153,8 @@ def curricularface(
 
 
 def _non_target_slope(cos: Tensor, cos_target: Tensor, margin: float, t: Modulation) -> Tensor:
-    threshold = _hard_threshold(cos_target.detach(), margin).to(cos.dtype)[:, None]
-    t_value = t.detach().to(cos.dtype) if isinstance(t, Tensor) else t
+    threshold = _hard_threshold(cos_target, margin).to(cos.dtype)[:, None]
+    t_value = t.to(cos.dtype) if isinstance(t, Tensor) else t
     return torch.where(cos > threshold, 2.0 * cos + t_value, torch.ones_like(cos))
 
 
