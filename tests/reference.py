@@ -291,7 +291,7 @@ def curricularface_loss(
             cos = _cosine(x[i], weight[j])
             if j == y:
                 logits.append(scale * arcface_margin(theta_y, margin))
-            elif float(cos) > threshold:
+            elif float(cos.detach()) > threshold:
                 logits.append(scale * cos * (t + cos))
             else:
                 logits.append(scale * cos)
