@@ -36,7 +36,7 @@ def _head(chunk="auto", **kwargs):
     return marginloss.CurricularFace(D, C, chunk_size=chunk, dtype=torch.float64, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(steps: int = 3, reduction: str = "mean", label_smoothing: float = 0.0, ignore: bool = False):
     """Loss and gradients of the last of ``steps`` training steps on the same batch, with t
     advanced before each step's logits (the release's order)."""
@@ -107,7 +107,7 @@ def test_reduction_smoothing_and_ignore_index(chunk, reduction, smoothing) -> No
 
 
 def test_eval_mode_and_all_ignored_batches_leave_t_alone() -> None:
-    x, w, y = _problem(seed=1)
+    x, _, y = _problem(seed=1)
     head = _head()
     head(x, y)
     t = head.t.clone()

@@ -201,7 +201,7 @@ def test_defaults_state_dict_registry_and_bad_hyperparameters() -> None:
     assert (marginloss.ElasticFace(4, 6, kind="cos").margin, marginloss.ElasticFace(4, 6, kind="cos").sigma) == (0.35, 0.05)
     assert marginloss.ElasticFace(4, 6, plus=True).sigma == 0.0175
     assert marginloss.ElasticFace(4, 6, kind="cos", plus=True).sigma == 0.02
-    x, w, y = _problem(seed=6)
+    x, _, y = _problem(seed=6)
     head = marginloss.ElasticFace(D, C, dtype=torch.float64)
     head(x, y)
     head(x, y)

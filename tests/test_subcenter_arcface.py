@@ -33,7 +33,7 @@ def _head(chunk="auto", **kwargs):
     return marginloss.SubCenterArcFace(D, C, chunk_size=chunk, dtype=torch.float64, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(reduction: str = "mean", label_smoothing: float = 0.0, ignore: bool = False):
     x, w, y = _problem()
     if ignore:

@@ -247,7 +247,8 @@ class SubCenterArcFace(MarginHead):
         rows = self.weight.detach().to(compute).unflatten(0, (self.shard_size, self.num_subcenters))[local]
         x = x * fused._safe_reciprocal(torch.linalg.vector_norm(x, dim=1)).to(compute)[:, None]
         rows = rows * fused._safe_reciprocal(torch.linalg.vector_norm(rows, dim=2)).to(compute)[:, :, None]
-        return (rows @ x[:, :, None]).squeeze(2)
+        cosines: Tensor = (rows @ x[:, :, None]).squeeze(2)
+        return cosines
 
     def _nearest_subcenter(self, embeddings: Tensor, local: Tensor) -> Tensor:
         return self._subcenter_cosines(embeddings, local).argmax(dim=1)
@@ -283,7 +284,8 @@ class SubCenterArcFace(MarginHead):
         """
         index = self.dominant_indices(embeddings, labels)
         rows = self.weight.detach().unflatten(0, (self.shard_size, self.num_subcenters))
-        return rows[torch.arange(self.shard_size, device=rows.device), index].clone()
+        centers: Tensor = rows[torch.arange(self.shard_size, device=rows.device), index].clone()
+        return centers
 
     def find_outliers(
         self,
