@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface")
+HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface",
+         "subcenter_arcface", "curricularface", "elasticface")
 
 # Toy defaults (used when --scale/--margin are not given). The papers' values are larger:
 # ArcFace s=64 m=0.5, CosFace s=64 m=0.35, NormFace s=16, combined (InsightFace) s=64
@@ -36,6 +37,11 @@ HEAD_DEFAULTS: dict[str, dict[str, float]] = {
     "combined": {"scale": 24.0, "m1": 1.0, "m2": 0.2, "m3": 0.1},
     "sphereface": {"margin": 4, "lambda_gamma": 1.0},
     "lsoftmax": {"margin": 4, "lambda_gamma": 1.0, "lambda_power": 1.0, "lambda_min": 5.0},
+    # Issue 13 heads at the toy ArcFace setting (the papers': s=64, m=0.5; ElasticFace-Arc
+    # sigma 0.05; CurricularFace momentum 0.01, here faster for ~200 steps).
+    "subcenter_arcface": {"scale": 24.0, "margin": 0.3},
+    "curricularface": {"scale": 24.0, "margin": 0.3, "momentum": 0.05},
+    "elasticface": {"scale": 24.0, "margin": 0.3},
 }
 
 CHECKPOINT_FORMAT = "marginloss-face-example/1"
