@@ -107,7 +107,7 @@ def cases(world_size: int) -> list[Case]:
             Case("curricularface", 13, (5, 0), chunk_size=2, reduction="none", label_smoothing=0.1, ignored_rows=True),
             Case("elasticface", 13, (5, 3), chunk_size=2, ignored_rows=True),
             Case("elasticface_cos", 12, (2, 6)),
-            Case("subcenter_arcface", 13, (5, 3)),
+            Case("subcenter_arcface", 13, (5, 3), steps=2),  # per-rank counts are not shared state
             Case("subcenter_arcface", 13, (4, 2), chunk_size=2, label_smoothing=0.1, ignored_rows=True),
         ]
     return [
@@ -506,7 +506,7 @@ def test_matches_one_process_on_the_global_batch(world_size: int, case: Case, ra
             assert_close(seen["loss"][step], loss, **tol, what=f"loss on rank {rank}, step {step}")
         assert_close(torch.cat([seen["grad_x"][step] for seen in results]), grad_x, **tol, what=f"embedding grad, step {step}")
         assert_close(torch.cat([seen["grad_w"][step] for seen in results]), grad_w, **tol, what=f"weight grad, step {step}")
-    if case.steps > 1:
+    if case.steps > 1 and case.sample_rate < 1:
         _, labels, _, _ = case_inputs(case)
         first, second = (sampled_classes(case, labels, world_size, step) for step in (0, 1))
         assert not torch.equal(first, second), "the sample should change from step to step"

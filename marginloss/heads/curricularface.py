@@ -88,7 +88,7 @@ def curricularface_logits(
     ignore_index: int = -100,
 ) -> Tensor:
     r"""CurricularFace logits: :math:`s\,f(\cos\theta_{iy_i})` on the target (ArcFace),
-    :math:`s\,g(\cos\theta_{ij})` elsewhere (:func:`curricularface_non_target`), at a given
+    :math:`s\,g(\cos\theta_{ij})` elsewhere (:func:`~marginloss.functional.curricularface_non_target`), at a given
     ``t``.  Rows whose label is ``ignore_index`` are only scaled.
 
     Examples

@@ -130,7 +130,7 @@ def elasticface_logits(
     step: int = 0,
     ignore_index: int = -100,
 ) -> Tensor:
-    r"""ElasticFace logits with the margins of step ``step`` (:func:`elastic_margins`):
+    r"""ElasticFace logits with the margins of step ``step`` (:func:`~marginloss.functional.elastic_margins`):
     :math:`s\,f(\cos\theta_{iy_i})` on the target, :math:`s\cos\theta_{ij}` elsewhere.
 
     Examples
@@ -306,7 +306,7 @@ class ElasticFace(MarginHead):
 
     def margins(self, cos_target: Tensor, valid: Tensor, step: int | None = None) -> Tensor:
         """The ``[B]`` margins of ``step`` (by default the last training step's) for rows with
-        these target cosines (used by ``plus``); see :func:`elastic_margins`."""
+        these target cosines (used by ``plus``); see :func:`marginloss.functional.elastic_margins`."""
         if step is None:
             step = max(int(self.step) - 1, 0)
         return elastic_margins(

@@ -3,6 +3,7 @@ r"""Sub-center ArcFace: ``K`` weight rows per class, the class cosine is the max
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -214,6 +215,13 @@ class SubCenterArcFace(MarginHead):
     def hyperparameters(self) -> dict[str, Any]:
         return {"scale": self.scale, "margin": self.margin}
 
+    def _state_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        # The counts are per rank (its classes, its batch rows): not state the ranks of a
+        # sharded head must agree on.
+        for name, tensor in super()._state_tensors():
+            if name != "subcenter_counts":
+                yield name, tensor
+
     def target(self, cos: Tensor, context: MarginContext) -> Tensor:
         return arcface_target(cos, self.margin)
 
@@ -261,7 +269,9 @@ class SubCenterArcFace(MarginHead):
         and ``labels`` the samples given are counted (pass the whole training set, in one
         call, for the paper's cleaning); without them, the counts the head gathered in
         training mode (the buffer ``subcenter_counts``).  A class with no sample counted
-        gets sub-centre 0.  On a class-sharded head, this rank's classes only.
+        gets sub-centre 0.  On a class-sharded head, this rank's classes only, and the
+        training counts cover the rows of this rank's batches (a random share of the data
+        when batches are shuffled across ranks).
         """
         counts = self.subcenter_counts
         if embeddings is not None or labels is not None:
