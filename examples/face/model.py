@@ -114,7 +114,7 @@ def make_head(name: str, embedding_dim: int, num_classes: int, kwargs: dict[str,
 
 # Heads whose logits ignore the embedding norm: a center loss beside them should see unit
 # vectors, or it could be lowered for free by shrinking every embedding towards zero.
-NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface")
+NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface", "subcenter_arcface", "curricularface", "elasticface")
 
 
 def center_loss_input(head_name: str, embeddings: torch.Tensor) -> torch.Tensor:
