@@ -260,6 +260,7 @@ def test_autocast_bf16_and_fp16_are_finite(chunk, kind) -> None:
     assert torch.isfinite(loss16) and bool(torch.isfinite(head16.weight.grad).all())
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
 def test_compile_graph_breaks_on_the_host_step_only() -> None:
     """The draws read the step on the host (a data-dependent value): fullgraph compilation
     is not possible; ordinary torch.compile (with a graph break) matches eager."""
@@ -278,4 +279,4 @@ def test_compile_graph_breaks_on_the_host_step_only() -> None:
     assert_close(out, eager, rtol=1e-5, atol=1e-6)
     assert_close(gx, gx_eager, rtol=1e-5, atol=1e-6)
     assert int(twin.step) == 1
-    assert math.isfinite(float(out))
+    assert math.isfinite(float(out.detach()))
