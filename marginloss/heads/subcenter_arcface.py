@@ -132,9 +132,12 @@ class SubCenterArcFace(MarginHead):
 
     Deng, Guo, Liu, Gong & Zafeiriou, "Sub-center ArcFace: Boosting Face Recognition by
     Large-scale Noisy Web Faces", ECCV 2020.  Defaults are those of the release
-    (InsightFace ``recognition/SubCenter-ArcFace``: ``K=3``, :math:`s=64`, :math:`m=0.5`,
-    ``drop.py --threshold 75``), which match the paper.  The margin's fallback branch for
-    :math:`\theta + m > \pi` is ArcFace's (:func:`marginloss.functional.arcface_target`).
+    (InsightFace ``recognition/SubCenter-ArcFace``: ``sample_config.py`` ``loss_K = 3``,
+    ``loss_s = 64``, ``loss_m2 = 0.5``; ``drop.py --threshold 75``), which match the paper.
+    The release writes the margin in the combined form :math:`\cos(m_1\theta + m_2) - m_3`
+    with :math:`(1, 0.5, 0)`; past :math:`\theta + m > \pi` we use ArcFace's monotonic
+    fallback (:func:`marginloss.functional.arcface_target`, as PML's
+    ``SubCenterArcFaceLoss`` also does).
 
     **Weight layout**: ``weight`` is ``[num_classes * K, embedding_dim]`` and class ``c``'s
     sub-centres are rows ``c*K .. c*K + K - 1`` (``weight.view(num_classes, K, D)`` is the
