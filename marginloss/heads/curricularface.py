@@ -184,7 +184,7 @@ class CurricularFace(MarginHead):
     Huang, Wang, Tai, Liu, Shen, Li, Li & Huang, "CurricularFace: Adaptive Curriculum
     Learning Loss for Deep Face Recognition", CVPR 2020.  Defaults from the release
     (``HuangYG123/CurricularFace``, ``head/metrics.py``): :math:`s=64`, :math:`m=0.5`,
-    momentum 0.01, :math:`t_0 = 0`, the same as the paper.
+    new-batch weight 0.01, :math:`t_0 = 0` (the paper's :math:`s`, :math:`m`, :math:`t_0`).
 
     Parameters
     ----------
@@ -197,8 +197,9 @@ class CurricularFace(MarginHead):
     margin : float, default 0.5
         :math:`m` in radians, in ``[0, π)`` (the paper's and release's value).
     momentum : float, default 0.01
-        :math:`\alpha` in ``[0, 1]``, the EMA weight of the new batch (the release's 0.01; the
-        paper's :math:`\alpha = 0.99` is the weight of the old value).
+        :math:`\alpha` in ``[0, 1]``, the EMA weight of the new batch mean.  The release's
+        code updates ``t = 0.01 * mean + 0.99 * t``, which we take; the paper quotes its
+        momentum parameter as 0.99.
     reduction, label_smoothing, ignore_index, chunk_size, process_group, sample_rate, sample_seed, device, dtype
         As for every head: see :class:`marginloss.MarginHead`.
 
