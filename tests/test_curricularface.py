@@ -249,3 +249,16 @@ def test_compile_fullgraph_matches_eager(chunk) -> None:
     assert_close(out, eager, rtol=1e-5, atol=1e-6)
     assert_close(gx, gx_eager, rtol=1e-5, atol=1e-6)
     assert_close(twin.t, head.t, rtol=1e-6, atol=1e-7)
+
+
+def test_partialfc_sampling_is_the_head_on_the_kept_classes() -> None:
+    x, w, y = _problem(seed=6)
+    head = _head(None, sample_rate=0.5)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    kept = marginloss.sharding.sample_classes(y, C, 1, 0, 0.5, seed=0, step=0)
+    loss = head(x, y)
+    t = MOMENTUM * float(_target_cosines(x, w, y).mean())
+    assert_close(head.t, torch.tensor(t, dtype=torch.float64), rtol=1e-12, atol=1e-14, what="t")
+    ref = curricularface_loss(x, w[kept], torch.searchsorted(kept, y), scale=S, margin=M, t=t)
+    assert_close(loss, ref, rtol=1e-12, atol=1e-12)

@@ -280,3 +280,15 @@ def test_compile_graph_breaks_on_the_host_step_only() -> None:
     assert_close(gx, gx_eager, rtol=1e-5, atol=1e-6)
     assert int(twin.step) == 1
     assert math.isfinite(float(out.detach()))
+
+
+def test_partialfc_sampling_is_the_head_on_the_kept_classes() -> None:
+    x, w, y = _problem(seed=8)
+    head = marginloss.ElasticFace(D, C, sigma=0.1, plus=True, scale=S, sample_rate=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    kept = marginloss.sharding.sample_classes(y, C, 1, 0, 0.5, seed=0, step=0)
+    loss = head(x, y)
+    margins = _expected_margins("arc", True, 0, x, w, y)
+    ref = elasticface_loss(x, w[kept], torch.searchsorted(kept, y), scale=S, margins=margins, kind="arc")
+    assert_close(loss, ref, rtol=1e-12, atol=1e-12)
