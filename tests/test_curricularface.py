@@ -262,3 +262,14 @@ def test_partialfc_sampling_is_the_head_on_the_kept_classes() -> None:
     assert_close(head.t, torch.tensor(t, dtype=torch.float64), rtol=1e-12, atol=1e-14, what="t")
     ref = curricularface_loss(x, w[kept], torch.searchsorted(kept, y), scale=S, margin=M, t=t)
     assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_double_backward_through_the_non_target_transform(chunk) -> None:
+    x, w, y = _problem(batch=4, classes=5, dim=3, seed=3)
+    x, w = x.requires_grad_(), w.requires_grad_()
+
+    def fn(a, b):
+        return marginloss.functional.curricularface(a, b, y, scale=3.0, margin=0.3, t=0.4, chunk_size=chunk)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w))
