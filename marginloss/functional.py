@@ -39,6 +39,17 @@ from marginloss.heads.combined_margin import (
     combined_margin_target,
 )
 from marginloss.heads.cosface import cosface, cosface_logits, cosface_target
+from marginloss.heads.curricularface import (
+    curricularface,
+    curricularface_logits,
+    curricularface_non_target,
+)
+from marginloss.heads.elasticface import (
+    elastic_margins,
+    elasticface,
+    elasticface_logits,
+    elasticface_target,
+)
 from marginloss.heads.lgm import lgm, lgm_logits
 from marginloss.heads.lsoftmax import lsoftmax, lsoftmax_logits, lsoftmax_target
 from marginloss.heads.normface import normface
@@ -49,6 +60,7 @@ from marginloss.heads.sphereface import (
     sphereface_logits,
     sphereface_target,
 )
+from marginloss.heads.subcenter_arcface import subcenter_arcface, subcenter_arcface_logits
 from marginloss.heads.uniformface import uniform_loss, uniformface, update_centers
 from marginloss.losses import (
     center_loss,
@@ -77,6 +89,13 @@ __all__ = [
     "cosface",
     "cosface_logits",
     "cosface_target",
+    "curricularface",
+    "curricularface_logits",
+    "curricularface_non_target",
+    "elastic_margins",
+    "elasticface",
+    "elasticface_logits",
+    "elasticface_target",
     "lgm",
     "lgm_logits",
     "lifted_structure_loss",
@@ -94,6 +113,8 @@ __all__ = [
     "sphereface",
     "sphereface_logits",
     "sphereface_target",
+    "subcenter_arcface",
+    "subcenter_arcface_logits",
     "triplet_loss",
     "uniform_loss",
     "uniformface",

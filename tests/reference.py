@@ -284,3 +284,134 @@ def uniformface_reference(
     n = len(chosen)
     uniform = total / (n * (n - 1)) if n >= 2 else total
     return rows, uniform_weight * uniform, torch.stack(new)
+# ---------------------------------------------------------------- issue 13: SubCenterArcFace, CurricularFace, ElasticFace
+# Written from the papers, one sample and one class at a time, with acos/cos on the angles.
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a, b) / (a.norm() * b.norm())
+
+
+def _softmax_row(logits: list[Tensor], label: int, label_smoothing: float) -> Tensor:
+    z = torch.stack(logits)
+    log_p = z - torch.logsumexp(z, dim=0)
+    return -(1 - label_smoothing) * log_p[label] - label_smoothing / z.shape[0] * log_p.sum()
+
+
+def _reduce(rows: list[Tensor], kept: int, reduction: str) -> Tensor:
+    stacked = torch.stack(rows)
+    if reduction == "none":
+        return stacked
+    if reduction == "sum":
+        return stacked.sum()
+    return stacked.sum() / max(kept, 1)
+
+
+def subcenter_arcface_loss(
+    x: Tensor, weight: Tensor, labels: Tensor, *, num_subcenters: int, scale: float, margin: float,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int = -100,
+) -> Tensor:
+    """Deng et al. 2020, eq. (2): class cosine = max over the K sub-centres (rows c*K+k),
+    ArcFace's cos(θ+m) on the target (with the release's monotonic fallback)."""
+    classes = weight.shape[0] // num_subcenters
+    rows, kept = [], 0
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        if y == ignore_index:
+            rows.append(x.sum() * 0.0 + weight.sum() * 0.0)
+            continue
+        kept += 1
+        logits = []
+        for j in range(classes):
+            cos = torch.stack([_cosine(x[i], weight[j * num_subcenters + k]) for k in range(num_subcenters)]).max()
+            if j == y:
+                theta = torch.acos(cos.clamp(-1.0, 1.0))
+                logits.append(scale * arcface_margin(theta, margin))
+            else:
+                logits.append(scale * cos)
+        rows.append(_softmax_row(logits, y, label_smoothing))
+    return _reduce(rows, kept, reduction)
+
+
+def subcenter_outliers(x: Tensor, weight: Tensor, labels: Tensor, num_subcenters: int, angle: float) -> list[bool]:
+    """drop.py's rule: the dominant sub-centre of a class is the one most of its samples are
+    nearest to (ties: the first); a sample farther than ``angle`` from it is an outlier."""
+    classes = weight.shape[0] // num_subcenters
+    votes = [[0] * num_subcenters for _ in range(classes)]
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        sims = [float(_cosine(x[i], weight[y * num_subcenters + k])) for k in range(num_subcenters)]
+        votes[y][sims.index(max(sims))] += 1
+    dominant = [v.index(max(v)) for v in votes]
+    out = []
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        theta = math.acos(max(-1.0, min(1.0, float(_cosine(x[i], weight[y * num_subcenters + dominant[y]])))))
+        out.append(theta > angle)
+    return out
+
+
+def curricularface_loss(
+    x: Tensor, weight: Tensor, labels: Tensor, *, scale: float, margin: float, t: float,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int = -100,
+) -> Tensor:
+    """Huang et al. 2020, eqs. (7)-(8): target cos(θ_y+m) (ArcFace's fallback past π); a
+    non-target cosine above cos(θ_y+m) becomes cos θ_j (t + cos θ_j)."""
+    rows, kept = [], 0
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        if y == ignore_index:
+            rows.append(x.sum() * 0.0 + weight.sum() * 0.0)
+            continue
+        kept += 1
+        theta_y = torch.acos(_cosine(x[i], weight[y]).clamp(-1.0, 1.0))
+        threshold = float(torch.cos(theta_y.detach() + margin))
+        logits = []
+        for j in range(weight.shape[0]):
+            cos = _cosine(x[i], weight[j])
+            if j == y:
+                logits.append(scale * arcface_margin(theta_y, margin))
+            elif float(cos.detach()) > threshold:
+                logits.append(scale * cos * (t + cos))
+            else:
+                logits.append(scale * cos)
+        rows.append(_softmax_row(logits, y, label_smoothing))
+    return _reduce(rows, kept, reduction)
+
+
+def elasticface_loss(
+    x: Tensor, weight: Tensor, labels: Tensor, *, scale: float, margins: list[float], kind: str,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int = -100,
+) -> Tensor:
+    """Boutros et al. 2022, eqs. (4)-(5): row i's target is cos(θ_y + m_i) (arc, no fallback)
+    or cos θ_y - m_i (cos) with its own margin m_i."""
+    rows, kept = [], 0
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        if y == ignore_index:
+            rows.append(x.sum() * 0.0 + weight.sum() * 0.0)
+            continue
+        kept += 1
+        logits = []
+        for j in range(weight.shape[0]):
+            cos = _cosine(x[i], weight[j])
+            if j == y:
+                theta = torch.acos(cos.clamp(-1.0, 1.0))
+                value = torch.cos(theta + margins[i]) if kind == "arc" else torch.cos(theta) - margins[i]
+                logits.append(scale * value)
+            else:
+                logits.append(scale * cos)
+        rows.append(_softmax_row(logits, y, label_smoothing))
+    return _reduce(rows, kept, reduction)
+
+
+def elastic_plus_assignment(draws: list[float], cos_target: list[float], valid: list[bool], mean: float) -> list[float]:
+    """ElasticFace+: the valid rows' draws, sorted ascending, go to the valid rows in order
+    of decreasing target cosine (ties: earlier row first); other rows get the mean."""
+    rows = [i for i in range(len(draws)) if valid[i]]
+    by_cos = sorted(rows, key=lambda i: (-cos_target[i], i))
+    values = sorted(draws[i] for i in rows)
+    out = [mean] * len(draws)
+    for i, v in zip(by_cos, values):
+        out[i] = v
+    return out

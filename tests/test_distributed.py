@@ -46,6 +46,11 @@ HEADS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "normface": (marginloss.NormFace, {"scale": 8.0}),
     "combined": (marginloss.CombinedMargin, {"scale": 16.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}),
     "uniformface": (marginloss.UniformFace, {"margin": 4, "lambda_base": 1.0, "lambda_min": 1.0, "uniform_weight": 2.0}),
+    # Issue 13: one step each (t's EMA and the margin draws are over the global batch).
+    "curricularface": (marginloss.CurricularFace, {"scale": 16.0, "margin": 0.4, "momentum": 0.3}),
+    "elasticface": (marginloss.ElasticFace, {"scale": 16.0, "sigma": 0.1, "plus": True}),
+    "elasticface_cos": (marginloss.ElasticFace, {"kind": "cos", "scale": 16.0, "sigma": 0.1}),
+    "subcenter_arcface": (marginloss.SubCenterArcFace, {"num_subcenters": 3, "scale": 16.0, "margin": 0.4}),
 }
 
 
@@ -101,6 +106,12 @@ def cases(world_size: int) -> list[Case]:
             Case("cosface", 12, (0, 0)),
             Case("uniformface", 13, (5, 3), chunk_size=2, reduction="none", ignored_rows=True),
             Case("uniformface", 12, (4, 4)),
+            Case("curricularface", 13, (5, 3)),
+            Case("curricularface", 13, (5, 0), chunk_size=2, reduction="none", label_smoothing=0.1, ignored_rows=True),
+            Case("elasticface", 13, (5, 3), chunk_size=2, ignored_rows=True),
+            Case("elasticface_cos", 12, (2, 6)),
+            Case("subcenter_arcface", 13, (5, 3), steps=2),  # per-rank counts are not shared state
+            Case("subcenter_arcface", 13, (4, 2), chunk_size=2, label_smoothing=0.1, ignored_rows=True),
         ]
     return [
         *[
@@ -110,6 +121,9 @@ def cases(world_size: int) -> list[Case]:
         ],
         Case("cosface", 14, (4, 1, 3), chunk_size=2, reduction="none", label_smoothing=0.1, ignored_rows=True),
         Case("cosface", 14, (4, 2, 3), label_smoothing=0.1, sample_rate=0.4, steps=2),
+        Case("curricularface", 14, (4, 1, 3), chunk_size=2),
+        Case("elasticface", 14, (4, 0, 3)),
+        Case("subcenter_arcface", 14, (4, 1, 3), chunk_size=3),
     ]
 
 
@@ -118,9 +132,10 @@ def case_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     weights that ``reduction="none"`` losses are summed with."""
     gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
     total = sum(case.batch_sizes)
-    weight = torch.randn(case.num_classes, DIM, generator=gen, dtype=torch.float64)
+    k = HEADS[case.head][1].get("num_subcenters", 1)  # [C*K, D] for sub-centre heads
+    weight = torch.randn(case.num_classes * k, DIM, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, case.num_classes, (total,), generator=gen)
-    embeddings = torch.randn(total, DIM, generator=gen, dtype=torch.float64) + 0.7 * weight[labels]
+    embeddings = torch.randn(total, DIM, generator=gen, dtype=torch.float64) + 0.7 * weight[labels * k]
     if case.ignored_rows:
         labels[::3] = -100
     coeffs = torch.rand(total, generator=gen, dtype=torch.float64) + 0.5
@@ -134,6 +149,17 @@ def make_head(case: Case, num_classes: int | None = None, **kwargs: Any) -> nn.M
         label_smoothing=case.label_smoothing, chunk_size=case.chunk_size, dtype=torch.float64,
         **kwargs,
     )
+
+
+def _load_rows(head: Any, weight: torch.Tensor) -> None:
+    """load_full_weight, or for sub-centre heads (which it does not handle: it expects
+    [C, D]) a copy of this rank's K rows per class."""
+    k = head.num_subcenters
+    if k == 1:
+        MD.load_full_weight(head, weight)
+        return
+    with torch.no_grad():
+        head.weight.copy_(weight[head.shard_start * k : (head.shard_start + head.shard_size) * k])
 
 
 def backpropagate(loss: torch.Tensor, coeffs: torch.Tensor) -> None:
@@ -163,7 +189,7 @@ def _run_case(case: Case, rank: int, world_size: int) -> dict[str, list[torch.Te
     stop = start + case.batch_sizes[rank]
     extra = {"sample_rate": case.sample_rate, "sample_seed": 7} if case.sample_rate < 1 else {}
     head = make_head(case, process_group=dist.group.WORLD, **extra)
-    MD.load_full_weight(head, weight)
+    _load_rows(head, weight)
     seen: dict[str, list[torch.Tensor]] = {"loss": [], "grad_x": [], "grad_w": []}
     for _ in range(case.steps):
         x = embeddings[start:stop].clone().requires_grad_(True)
@@ -458,7 +484,7 @@ def _reference(case: Case, world_size: int, step: int) -> tuple[torch.Tensor, to
     if case.sample_rate < 1:
         classes = sampled_classes(case, labels, world_size, step)
     head = make_head(case, num_classes=len(classes))
-    MD.load_full_weight(head, weight[classes])
+    _load_rows(head, weight if case.sample_rate == 1 else weight[classes])
     valid = labels != -100
     restricted = torch.where(valid, torch.searchsorted(classes, labels.clamp_min(0)), -100)
     assert bool((classes[restricted[valid]] == labels[valid]).all()), "a positive class was not sampled"
@@ -466,7 +492,10 @@ def _reference(case: Case, world_size: int, step: int) -> tuple[torch.Tensor, to
     loss = head(x, restricted)
     backpropagate(loss, coeffs)
     grad_w = torch.zeros_like(weight)
-    grad_w[classes] = head.weight.grad
+    if case.sample_rate < 1:
+        grad_w[classes] = head.weight.grad
+    else:
+        grad_w = head.weight.grad  # every row (K per class for sub-centre heads)
     return loss.detach(), x.grad, grad_w
 
 
@@ -486,7 +515,7 @@ def test_matches_one_process_on_the_global_batch(world_size: int, case: Case, ra
             assert_close(seen["loss"][step], loss, **tol, what=f"loss on rank {rank}, step {step}")
         assert_close(torch.cat([seen["grad_x"][step] for seen in results]), grad_x, **tol, what=f"embedding grad, step {step}")
         assert_close(torch.cat([seen["grad_w"][step] for seen in results]), grad_w, **tol, what=f"weight grad, step {step}")
-    if case.steps > 1:
+    if case.steps > 1 and case.sample_rate < 1:
         _, labels, _, _ = case_inputs(case)
         first, second = (sampled_classes(case, labels, world_size, step) for step in (0, 1))
         assert not torch.equal(first, second), "the sample should change from step to step"

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface", "lgm", "uniformface")
+HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface", "lgm", "uniformface",
+         "subcenter_arcface", "curricularface", "elasticface")
 
 # Toy defaults (used when --scale/--margin are not given). The papers' values are larger:
 # ArcFace s=64 m=0.5, CosFace s=64 m=0.35, NormFace s=16, combined (InsightFace) s=64
@@ -40,6 +41,11 @@ HEAD_DEFAULTS: dict[str, dict[str, float]] = {
     # UniformFace: SphereFace's toy schedule plus the uniform loss at weight 1.
     "lgm": {"alpha": 0.1, "lambda_lkd": 0.01},
     "uniformface": {"margin": 4, "lambda_gamma": 1.0, "uniform_weight": 1.0},
+    # Issue 13 heads at the toy ArcFace setting (the papers': s=64, m=0.5; ElasticFace-Arc
+    # sigma 0.05; CurricularFace momentum 0.01, here faster for ~200 steps).
+    "subcenter_arcface": {"scale": 24.0, "margin": 0.3},
+    "curricularface": {"scale": 24.0, "margin": 0.3, "momentum": 0.05},
+    "elasticface": {"scale": 24.0, "margin": 0.3},
 }
 
 CHECKPOINT_FORMAT = "marginloss-face-example/1"
@@ -114,7 +120,7 @@ def make_head(name: str, embedding_dim: int, num_classes: int, kwargs: dict[str,
 
 # Heads whose logits ignore the embedding norm: a center loss beside them should see unit
 # vectors, or it could be lowered for free by shrinking every embedding towards zero.
-NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface")
+NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface", "subcenter_arcface", "curricularface", "elasticface")
 
 
 def center_loss_input(head_name: str, embeddings: torch.Tensor) -> torch.Tensor:

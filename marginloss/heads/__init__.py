@@ -14,10 +14,13 @@ from marginloss.heads.arcface import ArcFace
 from marginloss.heads.base import MarginContext, MarginHead, create_head, list_heads, register_head
 from marginloss.heads.combined_margin import CombinedMargin
 from marginloss.heads.cosface import CosFace
+from marginloss.heads.curricularface import CurricularFace
+from marginloss.heads.elasticface import ElasticFace
 from marginloss.heads.lgm import LGM
 from marginloss.heads.lsoftmax import LSoftmax
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
+from marginloss.heads.subcenter_arcface import SubCenterArcFace
 from marginloss.heads.uniformface import UniformFace
 
 __all__ = [
@@ -25,11 +28,14 @@ __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
+    "ElasticFace",
     "LSoftmax",
     "MarginContext",
     "MarginHead",
     "NormFace",
     "SphereFace",
+    "SubCenterArcFace",
     "UniformFace",
     "create_head",
     "list_heads",
