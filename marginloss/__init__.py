@@ -3,10 +3,13 @@
 from marginloss import distributed, functional, fused, metrics, miners, samplers, sharding
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import (
+    AdaCos,
+    AdaFace,
     ArcFace,
     CombinedMargin,
     CosFace,
     LSoftmax,
+    MagFace,
     MarginContext,
     MarginHead,
     NormFace,
@@ -41,6 +44,8 @@ from marginloss.losses import (
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AdaCos",
+    "AdaFace",
     "ArcFace",
     "CenterLoss",
     "CombinedMargin",
@@ -48,6 +53,7 @@ __all__ = [
     "CosFace",
     "LSoftmax",
     "LiftedStructureLoss",
+    "MagFace",
     "MarginContext",
     "MarginHead",
     "MarginalLoss",

@@ -10,19 +10,25 @@ The keyword arguments every head shares are documented on :class:`MarginHead`.
 
 from __future__ import annotations
 
+from marginloss.heads.adacos import AdaCos
+from marginloss.heads.adaface import AdaFace
 from marginloss.heads.arcface import ArcFace
 from marginloss.heads.base import MarginContext, MarginHead, create_head, list_heads, register_head
 from marginloss.heads.combined_margin import CombinedMargin
 from marginloss.heads.cosface import CosFace
 from marginloss.heads.lsoftmax import LSoftmax
+from marginloss.heads.magface import MagFace
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
 
 __all__ = [
+    "AdaCos",
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
     "LSoftmax",
+    "MagFace",
     "MarginContext",
     "MarginHead",
     "NormFace",
