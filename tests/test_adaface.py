@@ -104,7 +104,7 @@ def test_functional_forms_match_the_reference() -> None:
     ref = adaface_loss_reference(x, w, y, scale=10.0, margin=0.3, h=2.0, batch_mean=25.0, batch_std=9.0)
     assert_close(loss, ref, rtol=1e-11, atol=1e-12)
     # Default statistics: this batch's own (t_alpha = 1 from any start).
-    mean, std = adaface_statistics_reference([float(n) for n in x.norm(dim=1)], 1.0, 0.0, 0.0)
+    mean, std = adaface_statistics_reference([float(n) for n in x.detach().norm(dim=1)], 1.0, 0.0, 0.0)
     own = adaface_loss_reference(x, w, y, scale=10.0, margin=0.3, h=2.0, batch_mean=mean, batch_std=std)
     assert_close(MF.adaface(x, w, y, scale=10.0, margin=0.3, h=2.0), own, rtol=1e-11, atol=1e-12)
     cosine = marginloss.MarginHead(5, 13, dtype=torch.float64)
