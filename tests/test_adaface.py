@@ -255,13 +255,14 @@ def test_compile_fullgraph_matches_eager(chunk) -> None:
         assert_close(twin.batch_std, eager.batch_std, rtol=1e-6, atol=0)
 
 
-def test_activation_checkpointing_updates_once() -> None:
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_updates_once(use_reentrant) -> None:
     x, w, y = _problem(seed=7)
     plain, ckpt = _head(), _head()
     ckpt.load_state_dict(plain.state_dict())
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     plain(xa, y).backward()
-    torch.utils.checkpoint.checkpoint(ckpt, xb, y, use_reentrant=False).backward()
+    torch.utils.checkpoint.checkpoint(ckpt, xb, y, use_reentrant=use_reentrant).backward()
     assert float(ckpt.batch_mean) == float(plain.batch_mean)
     assert float(ckpt.batch_std) == float(plain.batch_std)
     assert_close(xb.grad, xa.grad, rtol=1e-12, atol=1e-13)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from marginloss import _validation as V
+from marginloss import fused
 from marginloss.fused import ChunkSize, MarginContext, margin_loss
 from marginloss.heads.base import MarginHead, register_head
 
@@ -164,8 +165,10 @@ class AdaCos(MarginHead):
     buffer ``scale`` (in the ``state_dict``); it changes only in training mode, not in eval
     mode nor when activation checkpointing replays a forward.  The update replaces the
     buffer with a new tensor instead of writing into the old one, which the step's autograd
-    graph still holds; a step with no valid row, or whose new scale would not be a positive
-    finite number, keeps the scale.
+    graph still holds (so two forwards before one backward work); a step with no valid row,
+    or whose new scale would not be a positive finite number, keeps the scale.  A replay by
+    activation checkpointing uses the scale of the latest training forward's first pass
+    (one checkpointed forward per backward, as for :class:`~marginloss.SphereFace`).
 
     On a class-sharded head the statistics are those of the global batch over all classes
     (every rank computes the same scale).  With PartialFC sampling (``sample_rate < 1``)
@@ -239,9 +242,25 @@ class AdaCos(MarginHead):
         )
         self.dynamic = dynamic
         self.initial_scale = initial
+        # The scale the latest training forward used, for an activation-checkpointing replay
+        # of that forward (run after the update replaced the buffer).
+        self._replay_scale: Tensor | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"dynamic": self.dynamic, "initial_scale": self.initial_scale}
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        replay_scale = self._replay_scale
+        if replay_scale is not None and self.training and fused.replaying_forward():
+            # Activation checkpointing replays this step's forward in backward: it must see
+            # the scale the first pass used, not the one that pass left for the next step.
+            current = self.scale
+            self.scale = replay_scale
+            try:
+                return super().forward(embeddings, labels)
+            finally:
+                self.scale = current
+        return super().forward(embeddings, labels)
 
     def target(self, cos: Tensor, context: MarginContext) -> Tensor:
         return cos
@@ -259,3 +278,4 @@ class AdaCos(MarginHead):
             keep = ~(torch.isfinite(new) & (new > 0))
             # A new tensor, not an in-place write: this step's graph saved the old scale.
             self.scale = torch.where(keep, old, new.to(old.dtype))
+            self._replay_scale = old
