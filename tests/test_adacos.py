@@ -145,7 +145,7 @@ def test_hypothesis_matches_reference(problem) -> None:
 
 
 def test_state_dict_registry_repr_and_accumulation() -> None:
-    x, w, y = _problem(seed=4)
+    x, _w, y = _problem(seed=4)
     head = marginloss.create_head("adacos", 5, 13, dtype=torch.float64)
     assert isinstance(head, marginloss.AdaCos)
     assert head.hyperparameters() == {"dynamic": True, "initial_scale": math.sqrt(2.0) * math.log(12.0)}
@@ -163,7 +163,7 @@ def test_state_dict_registry_repr_and_accumulation() -> None:
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_updates_once(use_reentrant) -> None:
-    x, w, y = _problem(seed=5)
+    x, _w, y = _problem(seed=5)
     plain = marginloss.AdaCos(5, 13, dtype=torch.float64)
     ckpt = marginloss.AdaCos(5, 13, dtype=torch.float64)
     ckpt.load_state_dict(plain.state_dict())

@@ -45,7 +45,7 @@ def _step_reference(x, w, y, mean, std, *, t_alpha, ignore_index=-100, **hp):
 def test_matches_reference_over_steps(chunk, kept) -> None:
     """Three training steps: loss, embedding and weight gradients, and the EMA buffers."""
     head = _head(chunk)
-    x0, w, _ = _problem()
+    _x0, w, _ = _problem()
     with torch.no_grad():
         head.weight.copy_(w)
     mean, std = 20.0, 100.0
@@ -257,7 +257,7 @@ def test_compile_fullgraph_matches_eager(chunk) -> None:
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_updates_once(use_reentrant) -> None:
-    x, w, y = _problem(seed=7)
+    x, _w, y = _problem(seed=7)
     plain, ckpt = _head(), _head()
     ckpt.load_state_dict(plain.state_dict())
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()

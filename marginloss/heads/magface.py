@@ -309,7 +309,8 @@ class MagFace(MarginHead):
         is better), in the embeddings' dtype (at least float32), differentiable."""
         V.check_embeddings(embeddings, self.embedding_dim)
         out = torch.promote_types(embeddings.dtype, torch.float32)
-        return torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float64).to(out)
+        norms: Tensor = torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float64)
+        return norms.to(out)
 
     def target(self, cos: Tensor, context: MarginContext) -> Tensor:
         margin = magface_margin(context.embedding_norms, self.l_a, self.u_a, self.l_m, self.u_m)
