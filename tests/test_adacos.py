@@ -150,9 +150,12 @@ def test_state_dict_registry_repr_and_accumulation() -> None:
     assert isinstance(head, marginloss.AdaCos)
     assert head.hyperparameters() == {"dynamic": True, "initial_scale": math.sqrt(2.0) * math.log(12.0)}
     # Two forwards, one backward (gradient accumulation): the first graph keeps its scale.
+    buffer = head.scale
     xa = x.clone().requires_grad_()
     (head(xa, y) + head(xa, y)).backward()
     assert torch.isfinite(xa.grad).all()
+    # Updated in place: the buffer keeps its identity (DDP broadcasts the tensors it saw).
+    assert head.scale is buffer and head._buffers["scale"] is buffer
     twin = marginloss.AdaCos(5, 13, dtype=torch.float64)
     twin.load_state_dict(head.state_dict())
     assert float(twin.scale) == float(head.scale) != head.initial_scale

@@ -163,12 +163,13 @@ class AdaCos(MarginHead):
     with :math:`\tilde s^{(t-1)}` and then uses :math:`\tilde s^{(t)}` in the same step,
     which costs a second pass over the ``[B, C]`` logits.  The scale is the one-element
     buffer ``scale`` (in the ``state_dict``); it changes only in training mode, not in eval
-    mode nor when activation checkpointing replays a forward.  The update replaces the
-    buffer with a new tensor instead of writing into the old one, which the step's autograd
-    graph still holds (so two forwards before one backward work); a step with no valid row,
-    or whose new scale would not be a positive finite number, keeps the scale.  A replay by
-    activation checkpointing uses the scale of the latest training forward's first pass
-    (one checkpointed forward per backward, as for :class:`~marginloss.SphereFace`).
+    mode nor when activation checkpointing replays a forward.  Each training step computes
+    with a private copy of the buffer, which is then updated in place (the step's autograd
+    graph keeps the value it used, so two forwards before one backward work); a step with no
+    valid row, or whose new scale would not be a positive finite number, keeps the scale.  A
+    replay by activation checkpointing uses the scale of the latest training forward's
+    first pass (one checkpointed forward per backward, as for
+    :class:`~marginloss.SphereFace`).
 
     On a class-sharded head the statistics are those of the global batch over all classes
     (every rank computes the same scale).  With PartialFC sampling (``sample_rate < 1``)
@@ -242,25 +243,36 @@ class AdaCos(MarginHead):
         )
         self.dynamic = dynamic
         self.initial_scale = initial
-        # The scale the latest training forward used, for an activation-checkpointing replay
-        # of that forward (run after the update replaced the buffer).
-        self._replay_scale: Tensor | None = None
+        # The copy of the scale the latest training forward used (an activation-checkpointing
+        # replay of that forward must see it), and the new value its row_loss computed.
+        self._used_scale: Tensor | None = None
+        self._next_scale: Tensor | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"dynamic": self.dynamic, "initial_scale": self.initial_scale}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        replay_scale = self._replay_scale
-        if replay_scale is not None and self.training and fused.replaying_forward():
-            # Activation checkpointing replays this step's forward in backward: it must see
-            # the scale the first pass used, not the one that pass left for the next step.
-            current = self.scale
-            self.scale = replay_scale
-            try:
-                return super().forward(embeddings, labels)
-            finally:
-                self.scale = current
-        return super().forward(embeddings, labels)
+        if not (self.training and self.dynamic):
+            return super().forward(embeddings, labels)
+        stored = self.scale
+        replay = fused.replaying_forward() and self._used_scale is not None
+        # The step runs on a private copy of the scale, so that the buffer itself can be
+        # updated in place afterwards (its identity stays: DDP's buffer broadcast and
+        # references to it keep working) while this step's autograd graph keeps the value it
+        # used.  A checkpointing replay reuses the copy of the forward it replays.
+        used = self._used_scale if replay and self._used_scale is not None else stored.detach().clone()
+        self.scale = used
+        try:
+            loss = super().forward(embeddings, labels)
+        finally:
+            self.scale = stored
+        update = self._next_scale
+        if update is not None and not replay:
+            self._next_scale = None
+            self._used_scale = used
+            with torch.no_grad():
+                stored.copy_(update)
+        return loss
 
     def target(self, cos: Tensor, context: MarginContext) -> Tensor:
         return cos
@@ -276,6 +288,4 @@ class AdaCos(MarginHead):
             old = self.scale
             new = adacos_dynamic_scale(context.cos_target, context.rest, context.valid)
             keep = ~(torch.isfinite(new) & (new > 0))
-            # A new tensor, not an in-place write: this step's graph saved the old scale.
-            self.scale = torch.where(keep, old, new.to(old.dtype))
-            self._replay_scale = old
+            self._next_scale = torch.where(keep, old, new.to(old.dtype))
