@@ -107,6 +107,9 @@ def test_functional_forms_match_the_reference() -> None:
     mean, std = adaface_statistics_reference([float(n) for n in x.detach().norm(dim=1)], 1.0, 0.0, 0.0)
     own = adaface_loss_reference(x, w, y, scale=10.0, margin=0.3, h=2.0, batch_mean=mean, batch_std=std)
     assert_close(MF.adaface(x, w, y, scale=10.0, margin=0.3, h=2.0), own, rtol=1e-11, atol=1e-12)
+    one = MF.adaface(x[:1], w, y[:1], scale=10.0, margin=0.3, h=2.0)  # no std: the initial 20, 100
+    ref_one = adaface_loss_reference(x[:1], w, y[:1], scale=10.0, margin=0.3, h=2.0, batch_mean=20.0, batch_std=100.0)
+    assert_close(one, ref_one, rtol=1e-11, atol=1e-12)
     cosine = marginloss.MarginHead(5, 13, dtype=torch.float64)
     with torch.no_grad():
         cosine.weight.copy_(w)
@@ -215,7 +218,7 @@ def test_small_batches_keep_the_statistics() -> None:
     head(torch.randn(2, 5, dtype=torch.float64), torch.tensor([3, -100]))
     assert float(head.batch_mean) == 20.0 and float(head.batch_std) == 100.0
     loss = head(torch.randn(3, 5, dtype=torch.float64), torch.tensor([-100, -100, -100]))
-    assert float(loss) == 0.0 and float(head.batch_std) == 100.0
+    assert float(loss.detach()) == 0.0 and float(head.batch_std) == 100.0
 
 
 @pytest.mark.parametrize("chunk", [None, 3])

@@ -131,6 +131,10 @@ def _statistics(
     context_norms: Tensor, valid: Tensor, batch_mean: Stat | None, batch_std: Stat | None
 ) -> tuple[Stat, Stat]:
     mean, std = adaface_batch_statistics(context_norms, valid)
+    # Fewer than two rows have no std: fall back to the release's initial statistics.
+    enough = valid.sum() >= 2
+    mean = torch.where(enough, mean, torch.full_like(mean, INITIAL_MEAN))
+    std = torch.where(enough, std, torch.full_like(std, INITIAL_STD))
     return (mean if batch_mean is None else batch_mean), (std if batch_std is None else batch_std)
 
 
@@ -150,7 +154,8 @@ def adaface_logits(
     elsewhere; ``embedding_norms`` ``[B]`` are the feature norms :math:`\lVert z_i\rVert`.
 
     ``batch_mean``/``batch_std`` default to this batch's statistics
-    (:func:`adaface_batch_statistics` of the non-ignored rows).
+    (:func:`adaface_batch_statistics` of the non-ignored rows; the release's initial 20 and
+    100 when fewer than two rows count).
 
     Examples
     --------
@@ -191,7 +196,8 @@ def adaface(
 
     The functional form holds no state: in place of the head's ``t_alpha`` it takes the
     statistics, ``batch_mean`` and ``batch_std`` (default: this batch's own, as the head with
-    ``t_alpha=1``); pass the head's buffers to reproduce one of its steps.
+    ``t_alpha=1``, or the release's initial 20 and 100 when fewer than two rows count); pass
+    the head's buffers to reproduce one of its steps.
 
     Examples
     --------
