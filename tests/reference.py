@@ -253,7 +253,7 @@ def adaface_loss_reference(
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
 ) -> Tensor:
-    """AdaFace (Kim et al., CVPR 2022, eqs. 4-6) at the given statistics: per sample the
+    """AdaFace (Kim et al., CVPR 2022) at the given statistics: per sample the
     quality z = clip(h (clip(|x|, 0.001, 100) - mean) / (std + 1e-3), -1, 1) (no gradient),
     target logit s (cos(clip(acos(clip(cos, -1+eps, 1-eps)) - m z, eps, pi-eps)) - m z - m)."""
     eps = 1e-3
@@ -342,7 +342,7 @@ def adacos_loss_reference(
 
 
 def adacos_scale_reference(x: Tensor, weight: Tensor, labels: Tensor, scale: float, ignore_index: int = -100) -> float:
-    """AdaCos's dynamic scale update (Zhang et al., CVPR 2019, eq. 15, Algorithm 1):
+    """AdaCos's dynamic scale update (Zhang et al., CVPR 2019, Algorithm 1):
     B_avg = mean over samples of sum_{k != y} exp(s cos theta_k); theta_med the (lower)
     median of the target angles; s <- log(B_avg) / cos(min(pi/4, theta_med))."""
     sums, angles = [], []

@@ -20,7 +20,7 @@ __all__ = ["AdaCos", "adacos", "adacos_dynamic_scale", "adacos_fixed_scale"]
 
 
 def adacos_fixed_scale(num_classes: int) -> float:
-    r"""AdaCos's fixed scale :math:`\tilde s_f = \sqrt 2\,\log(C - 1)` (eq. 13 of the paper).
+    r"""AdaCos's fixed scale :math:`\tilde s_f = \sqrt 2\,\log(C - 1)`.
 
     Needs :math:`C \ge 3` (the scale is 0 for two classes).
 
@@ -51,7 +51,7 @@ def _lower_median(values: Tensor, valid: Tensor) -> Tensor:
 def adacos_dynamic_scale(
     cos_target: Tensor, log_rest: Tensor, valid: Tensor | None = None
 ) -> Tensor:
-    r"""One step of AdaCos's dynamic scale (eq. 15 of the paper), from row statistics.
+    r"""One step of AdaCos's dynamic scale, from row statistics (the paper's Algorithm 1).
 
     .. math::
         \tilde s^{(t)} = \frac{\log B^{(t)}_{avg}}{\cos\big(\min(\tfrac{\pi}{4}, \theta^{(t)}_{med})\big)},
@@ -153,7 +153,7 @@ class AdaCos(MarginHead):
 
     Zhang, Zhao, Qiao, Wang & Li, "AdaCos: Adaptively Scaling Cosine Logits for Effectively
     Learning Deep Face Representations", CVPR 2019.  The authors released no code; the
-    defaults are the paper's (eqs. 13 and 15, Algorithm 1).
+    defaults are the paper's (its fixed scale and Algorithm 1).
 
     **When the dynamic scale takes effect.**  :math:`B_{avg}` is the batch mean of
     :math:`e^{r_i}`, where :math:`r_i` is the engine's own non-target log-sum-exp

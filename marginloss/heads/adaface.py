@@ -74,7 +74,7 @@ def adaface_batch_statistics(embedding_norms: Tensor, valid: Tensor | None = Non
 def adaface_margin_scaler(
     embedding_norms: Tensor, batch_mean: Stat, batch_std: Stat, h: float = 0.333
 ) -> Tensor:
-    r"""AdaFace's normalised image quality :math:`\widehat{\lVert z_i\rVert}` (eq. 4 of the paper).
+    r"""AdaFace's image quality :math:`\widehat{\lVert z_i\rVert}`, the normalised feature norm.
 
     .. math::
         \widehat{\lVert z_i\rVert} = \operatorname{clip}\Big(h\,
@@ -96,7 +96,7 @@ def adaface_margin_scaler(
 
 
 def adaface_target(cos_target: Tensor, margin_scaler: Tensor, margin: float = 0.4) -> Tensor:
-    r"""AdaFace's adaptive margin on target cosines (eqs. 5-6 of the paper, the release's clamps).
+    r"""AdaFace's adaptive margin on target cosines (the paper's g_angle and g_add, the release's clamps).
 
     .. math::
         f(\cos\theta) = \cos\big(\operatorname{clip}(\theta + g_{angle}, \epsilon, \pi - \epsilon)\big)
