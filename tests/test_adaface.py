@@ -235,6 +235,14 @@ def test_autocast_bf16_and_fp16_inputs_are_finite(chunk) -> None:
     loss16 = head(x, labels)
     loss16.backward()
     assert torch.isfinite(loss16)
+    # fp16 weights (and state promoted to float32), fp16 embeddings.
+    half = marginloss.AdaFace(5, 7, chunk_size=chunk, dtype=torch.float16)
+    xh = x.detach().clone().requires_grad_()
+    loss_half = half(xh, labels)
+    loss_half.backward()
+    assert loss_half.dtype == torch.float32 and torch.isfinite(loss_half)
+    assert bool(torch.isfinite(xh.grad).all()) and bool(torch.isfinite(half.weight.grad).all())
+    assert all(bool(torch.isfinite(b).all()) and b.dtype != torch.float16 for b in half.buffers())
 
 
 @pytest.mark.parametrize("chunk", [None, 3])

@@ -1,5 +1,5 @@
-"""AdaFace, MagFace and AdaCos class-sharded over 2 spawned gloo ranks (uneven classes and
-batches, float64), against one process on the global batch, over several steps: losses,
+"""AdaFace, MagFace and AdaCos class-sharded over 2 and 3 spawned gloo ranks (uneven classes
+and batches, float64), against one process on the global batch, over several steps: losses,
 embedding and weight gradients (MagFace's through the magnitude) and the state (AdaFace's
 EMA statistics, AdaCos's scale) after every step.
 
@@ -28,9 +28,10 @@ from marginloss import distributed as MD
 pytestmark = pytest.mark.xdist_group("distributed")
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = 2
-DIM, CLASSES = 5, 13  # shards of 7 and 6 classes
-BATCHES = ((5, 3), (2, 6), (4, 0))  # rows per rank at each step
+DIM, CLASSES = 5, 13  # shards of 7 + 6 and of 5 + 4 + 4 classes
+# Rows per rank at each of three steps, by world size (empty ranks included).
+BATCHES = {2: ((5, 3), (2, 6), (4, 0)), 3: ((4, 1, 3), (0, 5, 3), (2, 2, 0))}
+STEPS = 3
 SPAWN_TIMEOUT_S = 240
 CASES: dict[str, tuple[type[marginloss.MarginHead], dict[str, Any]]] = {
     "adaface": (marginloss.AdaFace, {"scale": 16.0, "h": 1.0, "t_alpha": 0.5, "chunk_size": 2}),
@@ -39,11 +40,11 @@ CASES: dict[str, tuple[type[marginloss.MarginHead], dict[str, Any]]] = {
 }
 
 
-def inputs(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global embeddings (norms spread over [3, 120]), labels, full weight, row weights."""
-    gen = torch.Generator().manual_seed(100 + step)
+    gen = torch.Generator().manual_seed(100 + 10 * world + step)
     weight = torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    total = sum(BATCHES[step])
+    total = sum(BATCHES[world][step])
     labels = torch.randint(0, CLASSES, (total,), generator=gen)
     x = torch.randn(total, DIM, generator=gen, dtype=torch.float64) + weight[labels]
     norms = 3.0 + 117.0 * torch.rand(total, generator=gen, dtype=torch.float64)
@@ -54,11 +55,11 @@ def inputs(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     return x, labels, weight, coeffs
 
 
-def run_steps(head: marginloss.MarginHead, rows: list[slice]) -> dict[str, list[torch.Tensor]]:
+def run_steps(head: marginloss.MarginHead, rows: list[slice], world: int) -> dict[str, list[torch.Tensor]]:
     """Every step's loss, embedding and weight gradient and state (this process's rows)."""
     seen: dict[str, list[torch.Tensor]] = {"loss": [], "grad_x": [], "grad_w": [], "state": []}
     for step, part in enumerate(rows):
-        x, labels, _, coeffs = inputs(step)
+        x, labels, _, coeffs = inputs(step, world)
         xs = x[part].clone().requires_grad_(True)
         loss = head(xs, labels[part])
         (loss * coeffs).sum().backward() if loss.dim() else loss.backward()
@@ -72,18 +73,18 @@ def run_steps(head: marginloss.MarginHead, rows: list[slice]) -> dict[str, list[
     return seen
 
 
-def _worker(rank: int, init_method: str, out: Path) -> None:
+def _worker(rank: int, world: int, init_method: str, out: Path) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
-        rows = [slice(sum(b[:rank]), sum(b[: rank + 1])) for b in BATCHES]
+        rows = [slice(sum(b[:rank]), sum(b[: rank + 1])) for b in BATCHES[world]]
         results = {}
         for name, (cls, options) in CASES.items():
             head = cls(DIM, CLASSES, process_group=dist.group.WORLD, dtype=torch.float64, **options)
-            MD.load_full_weight(head, inputs(0)[2])
-            results[name] = run_steps(head, rows)
+            MD.load_full_weight(head, inputs(0, world)[2])
+            results[name] = run_steps(head, rows, world)
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -92,23 +93,22 @@ def _worker(rank: int, init_method: str, out: Path) -> None:
 def _main() -> None:
     parser = argparse.ArgumentParser(description="one rank of tests/test_quality_heads_sharded.py")
     parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--init", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
-        _worker(args.rank, args.init, args.out)
+        _worker(args.rank, args.world_size, args.init, args.out)
     except BaseException:
         traceback.print_exc()
         sys.exit(1)
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    directory = tmp_path_factory.mktemp("quality_heads_sharded")
+def _spawn(world: int, directory: Path) -> list[dict[str, Any]]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "tests.test_quality_heads_sharded", "--init", f"file://{directory / 'rendezvous'}",
-               "--out", str(directory)]
-    logs = [open(directory / f"rank{rank}.log", "w+") for rank in range(WORLD)]
+    command = [sys.executable, "-m", "tests.test_quality_heads_sharded", "--world-size", str(world),
+               "--init", f"file://{directory / 'rendezvous'}", "--out", str(directory)]
+    logs = [open(directory / f"rank{rank}.log", "w+") for rank in range(world)]
     procs = [subprocess.Popen([*command, "--rank", str(rank)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
              for rank, log in enumerate(logs)]
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
@@ -120,34 +120,48 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    if any(p.returncode != 0 for p in procs):
-        text = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            text.append(f"--- rank {rank} (exit {procs[rank].returncode}) ---\n{log.read()[-4000:]}")
-        pytest.fail(f"{WORLD} gloo ranks failed\n" + "\n".join(text))
-    for log in logs:
+    text = []
+    for rank, log in enumerate(logs):
+        log.seek(0)
+        text.append(f"--- rank {rank} (exit {procs[rank].returncode}) ---\n{log.read()[-4000:]}")
         log.close()
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD)]
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail(f"{world} gloo ranks failed\n" + "\n".join(text))
+    return [torch.load(directory / f"rank{rank}.pt") for rank in range(world)]
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``ranks(world)``: every rank's results, spawning each world size once."""
+    done: dict[int, list[dict[str, Any]]] = {}
+
+    def get(world: int) -> list[dict[str, Any]]:
+        if world not in done:
+            done[world] = _spawn(world, tmp_path_factory.mktemp(f"quality_heads_world{world}"))
+        return done[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_sharded_matches_one_process_over_steps(name: str, ranks: list[dict[str, Any]]) -> None:
+def test_sharded_matches_one_process_over_steps(name: str, world: int, ranks: Any) -> None:
     from tests.reference import assert_close
 
+    results = ranks(world)
     cls, options = CASES[name]
     single = cls(DIM, CLASSES, dtype=torch.float64, **options)
     with torch.no_grad():
-        single.weight.copy_(inputs(0)[2])
-    want = run_steps(single, [slice(None)] * len(BATCHES))
+        single.weight.copy_(inputs(0, world)[2])
+    want = run_steps(single, [slice(None)] * STEPS, world)
     tol = {"rtol": 1e-10, "atol": 1e-11}
-    for step in range(len(BATCHES)):
-        for rank, got in enumerate(ranks):
+    for step in range(STEPS):
+        for rank, got in enumerate(results):
             seen = got[name]
             assert_close(seen["loss"][step], want["loss"][step], **tol, what=f"loss on rank {rank}, step {step}")
             assert_close(seen["state"][step], want["state"][step], **tol, what=f"state on rank {rank}, step {step}")
-        grad_x = torch.cat([got[name]["grad_x"][step] for got in ranks])
-        grad_w = torch.cat([got[name]["grad_w"][step] for got in ranks])
+        grad_x = torch.cat([got[name]["grad_x"][step] for got in results])
+        grad_w = torch.cat([got[name]["grad_w"][step] for got in results])
         assert_close(grad_x, want["grad_x"][step], **tol, what=f"embedding grad, step {step}")
         assert_close(grad_w, want["grad_w"][step], **tol, what=f"weight grad, step {step}")
     if name != "magface":
