@@ -4,12 +4,15 @@ from marginloss import distributed, functional, fused, metrics, miners, samplers
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import (
     LGM,
+    AdaCos,
+    AdaFace,
     ArcFace,
     CombinedMargin,
     CosFace,
     CurricularFace,
     ElasticFace,
     LSoftmax,
+    MagFace,
     MarginContext,
     MarginHead,
     NormFace,
@@ -47,6 +50,8 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "LGM",
+    "AdaCos",
+    "AdaFace",
     "ArcFace",
     "CenterLoss",
     "CombinedMargin",
@@ -56,6 +61,7 @@ __all__ = [
     "ElasticFace",
     "LSoftmax",
     "LiftedStructureLoss",
+    "MagFace",
     "MarginContext",
     "MarginHead",
     "MarginalLoss",

@@ -32,6 +32,14 @@ from torch import Tensor
 
 from marginloss import _validation as V
 from marginloss.fused import reduce_rows, softmax_row_loss
+from marginloss.heads.adacos import adacos, adacos_dynamic_scale, adacos_fixed_scale
+from marginloss.heads.adaface import (
+    adaface,
+    adaface_batch_statistics,
+    adaface_logits,
+    adaface_margin_scaler,
+    adaface_target,
+)
 from marginloss.heads.arcface import arcface, arcface_logits, arcface_target
 from marginloss.heads.combined_margin import (
     combined_margin,
@@ -52,6 +60,13 @@ from marginloss.heads.elasticface import (
 )
 from marginloss.heads.lgm import lgm, lgm_logits
 from marginloss.heads.lsoftmax import lsoftmax, lsoftmax_logits, lsoftmax_target
+from marginloss.heads.magface import (
+    magface,
+    magface_logits,
+    magface_margin,
+    magface_regularizer,
+    magface_target,
+)
 from marginloss.heads.normface import normface
 from marginloss.heads.sphereface import (
     angular_psi,
@@ -76,6 +91,14 @@ from marginloss.losses import (
 )
 
 __all__ = [
+    "adacos",
+    "adacos_dynamic_scale",
+    "adacos_fixed_scale",
+    "adaface",
+    "adaface_batch_statistics",
+    "adaface_logits",
+    "adaface_margin_scaler",
+    "adaface_target",
     "angular_psi",
     "annealing_lambda",
     "arcface",
@@ -102,6 +125,11 @@ __all__ = [
     "lsoftmax",
     "lsoftmax_logits",
     "lsoftmax_target",
+    "magface",
+    "magface_logits",
+    "magface_margin",
+    "magface_regularizer",
+    "magface_target",
     "margin_cross_entropy",
     "marginal_loss",
     "multi_similarity_loss",

@@ -296,6 +296,19 @@ def _softmax_row(logits: list[Tensor], label: int, label_smoothing: float) -> Te
     z = torch.stack(logits)
     log_p = z - torch.logsumexp(z, dim=0)
     return -(1 - label_smoothing) * log_p[label] - label_smoothing / z.shape[0] * log_p.sum()
+# ---------------------------------------------------------------- AdaFace, MagFace, AdaCos
+# From the papers (and, where the papers leave it open, the releases' documented clamps),
+# one sample and one class at a time.
+
+
+def _cosine(x: Tensor, w: Tensor) -> Tensor:
+    return torch.dot(x, w) / (x.norm() * w.norm())
+
+
+def _smoothed_ce(logits: Tensor, label: int, label_smoothing: float) -> Tensor:
+    log_p = logits - torch.logsumexp(logits, dim=0)
+    num_classes = logits.shape[0]
+    return -(1 - label_smoothing) * log_p[label] - label_smoothing / num_classes * log_p.sum()
 
 
 def _reduce(rows: list[Tensor], kept: int, reduction: str) -> Tensor:
@@ -415,3 +428,139 @@ def elastic_plus_assignment(draws: list[float], cos_target: list[float], valid: 
     for i, v in zip(by_cos, values):
         out[i] = v
     return out
+def adaface_statistics_reference(norms: list[float], t_alpha: float, mean: float, std: float) -> tuple[float, float]:
+    """One EMA step of AdaFace's norm statistics: clip to [0.001, 100], batch mean and
+    Bessel-corrected std, then mean <- a*batch + (1-a)*mean (a batch of < 2 rows: no step)."""
+    clipped = [min(max(n, 0.001), 100.0) for n in norms]
+    if len(clipped) < 2:
+        return mean, std
+    mu = sum(clipped) / len(clipped)
+    sigma = math.sqrt(sum((c - mu) ** 2 for c in clipped) / (len(clipped) - 1))
+    return t_alpha * mu + (1 - t_alpha) * mean, t_alpha * sigma + (1 - t_alpha) * std
+
+
+def adaface_loss_reference(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: float,
+    margin: float,
+    h: float,
+    batch_mean: float,
+    batch_std: float,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """AdaFace (Kim et al., CVPR 2022) at the given statistics: per sample the
+    quality z = clip(h (clip(|x|, 0.001, 100) - mean) / (std + 1e-3), -1, 1) (no gradient),
+    target logit s (cos(clip(acos(clip(cos, -1+eps, 1-eps)) - m z, eps, pi-eps)) - m z - m)."""
+    eps = 1e-3
+    rows, kept = [], 0
+    for i in range(x.shape[0]):
+        label = int(labels[i])
+        if label == ignore_index:
+            rows.append(x.sum() * 0.0)
+            continue
+        kept += 1
+        norm = float(x[i].detach().norm())
+        z = max(-1.0, min(1.0, h * (min(max(norm, 0.001), 100.0) - batch_mean) / (batch_std + eps)))
+        logits = []
+        for j in range(weight.shape[0]):
+            cos = _cosine(x[i], weight[j])
+            if j == label:
+                theta = torch.acos(cos.clamp(-1 + eps, 1 - eps))
+                theta_m = (theta - margin * z).clamp(eps, math.pi - eps)
+                logits.append(scale * (torch.cos(theta_m) - margin * z - margin))
+            else:
+                logits.append(scale * cos)
+        rows.append(_smoothed_ce(torch.stack(logits), label, label_smoothing))
+    return _reduce(rows, kept, reduction)
+
+
+def magface_loss_reference(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: float,
+    l_a: float,
+    u_a: float,
+    l_m: float,
+    u_m: float,
+    lambda_g: float,
+    easy_margin: bool = True,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """MagFace (Meng et al., CVPR 2021): a = clamp(|x|, l_a, u_a) (differentiable),
+    m(a) linear from l_m at l_a to u_m at u_a, ArcFace cos(theta + m(a)) on the target (easy
+    margin: only where cos > 0; else the fallback cos - m sin m past theta + m > pi), plus
+    lambda_g (1/a + a/u_a^2) per sample."""
+    rows, kept = [], 0
+    for i in range(x.shape[0]):
+        label = int(labels[i])
+        if label == ignore_index:
+            rows.append(x.sum() * 0.0)
+            continue
+        kept += 1
+        a = x[i].norm().clamp(l_a, u_a)
+        m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
+        logits = []
+        for j in range(weight.shape[0]):
+            cos = _cosine(x[i], weight[j])
+            if j == label:
+                theta = torch.acos(cos)
+                if easy_margin:
+                    f = torch.cos(theta + m) if cos > 0 else cos
+                else:
+                    f = torch.cos(theta + m) if theta + m <= math.pi else cos - m * torch.sin(m)
+                logits.append(scale * f)
+            else:
+                logits.append(scale * cos)
+        g = 1.0 / a + a / u_a**2
+        rows.append(_smoothed_ce(torch.stack(logits), label, label_smoothing) + lambda_g * g)
+    return _reduce(rows, kept, reduction)
+
+
+def adacos_loss_reference(
+    x: Tensor, weight: Tensor, labels: Tensor, *, scale: float, reduction: str = "mean", ignore_index: int = -100
+) -> Tensor:
+    """AdaCos's loss at scale s: the cross entropy of s cos(theta_j), no margin."""
+    rows, kept = [], 0
+    for i in range(x.shape[0]):
+        label = int(labels[i])
+        if label == ignore_index:
+            rows.append(x.sum() * 0.0)
+            continue
+        kept += 1
+        logits = torch.stack([scale * _cosine(x[i], weight[j]) for j in range(weight.shape[0])])
+        rows.append(_smoothed_ce(logits, label, 0.0))
+    return _reduce(rows, kept, reduction)
+
+
+def adacos_scale_reference(x: Tensor, weight: Tensor, labels: Tensor, scale: float, ignore_index: int = -100) -> float:
+    """AdaCos's dynamic scale update (Zhang et al., CVPR 2019, Algorithm 1):
+    B_avg = mean over samples of sum_{k != y} exp(s cos theta_k); theta_med the (lower)
+    median of the target angles; s <- log(B_avg) / cos(min(pi/4, theta_med))."""
+    sums, angles = [], []
+    for i in range(x.shape[0]):
+        label = int(labels[i])
+        if label == ignore_index:
+            continue
+        total = 0.0
+        for j in range(weight.shape[0]):
+            cos = float(_cosine(x[i], weight[j]))
+            if j == label:
+                angles.append(math.acos(max(-1.0, min(1.0, cos))))
+            else:
+                total += math.exp(scale * cos)
+        sums.append(total)
+    if not sums:
+        return scale
+    b_avg = sum(sums) / len(sums)
+    theta_med = sorted(angles)[(len(angles) - 1) // 2]
+    new = math.log(b_avg) / math.cos(min(math.pi / 4, theta_med))
+    return new if math.isfinite(new) and new > 0 else scale

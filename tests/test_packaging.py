@@ -32,8 +32,8 @@ pytestmark = pytest.mark.xdist_group("packaging")
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD_FILES = (
-    "__init__", "_common", "base", "arcface", "combined_margin", "cosface", "curricularface", "elasticface", "lgm",
-    "lsoftmax", "normface", "sphereface", "subcenter_arcface", "uniformface",
+    "__init__", "_common", "base", "adacos", "adaface", "arcface", "combined_margin", "cosface", "curricularface",
+    "elasticface", "lgm", "lsoftmax", "magface", "normface", "sphereface", "subcenter_arcface", "uniformface",
 )
 MODULES = (
     "__init__", "_validation", "distributed", "functional", "fused", "sharding", "samplers", "losses/__init__", "metrics", "miners",

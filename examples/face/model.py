@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface", "lgm", "uniformface",
-         "subcenter_arcface", "curricularface", "elasticface")
+         "subcenter_arcface", "curricularface", "elasticface", "adaface", "magface", "adacos")
 
 # Toy defaults (used when --scale/--margin are not given). The papers' values are larger:
 # ArcFace s=64 m=0.5, CosFace s=64 m=0.35, NormFace s=16, combined (InsightFace) s=64
@@ -46,6 +46,13 @@ HEAD_DEFAULTS: dict[str, dict[str, float]] = {
     "subcenter_arcface": {"scale": 24.0, "margin": 0.3},
     "curricularface": {"scale": 24.0, "margin": 0.3, "momentum": 0.05},
     "elasticface": {"scale": 24.0, "margin": 0.3},
+    # AdaFace: the release's h and t_alpha; the toy scale and margin of ArcFace above.
+    "adaface": {"scale": 24.0, "margin": 0.3},
+    # MagFace: the backbones end in BatchNorm1d, so magnitudes start near sqrt(128) ~ 11;
+    # [l_a, u_a] = [5, 30] brackets them (the release's [10, 110] fits 512-d ResNets), and
+    # lambda_g = 10 is above the paper's bound s k u_a^2 l_a^2 / (u_a^2 - l_a^2) ~ 4.9.
+    "magface": {"scale": 24.0, "l_a": 5.0, "u_a": 30.0, "l_m": 0.2, "u_m": 0.4, "lambda_g": 10.0},
+    "adacos": {},  # no hyperparameters: the scale is sqrt(2) log(C - 1), then adapted
 }
 
 CHECKPOINT_FORMAT = "marginloss-face-example/1"

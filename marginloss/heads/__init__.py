@@ -10,6 +10,8 @@ The keyword arguments every head shares are documented on :class:`marginloss.Mar
 
 from __future__ import annotations
 
+from marginloss.heads.adacos import AdaCos
+from marginloss.heads.adaface import AdaFace
 from marginloss.heads.arcface import ArcFace
 from marginloss.heads.base import MarginContext, MarginHead, create_head, list_heads, register_head
 from marginloss.heads.combined_margin import CombinedMargin
@@ -18,6 +20,7 @@ from marginloss.heads.curricularface import CurricularFace
 from marginloss.heads.elasticface import ElasticFace
 from marginloss.heads.lgm import LGM
 from marginloss.heads.lsoftmax import LSoftmax
+from marginloss.heads.magface import MagFace
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
 from marginloss.heads.subcenter_arcface import SubCenterArcFace
@@ -25,12 +28,15 @@ from marginloss.heads.uniformface import UniformFace
 
 __all__ = [
     "LGM",
+    "AdaCos",
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
     "CurricularFace",
     "ElasticFace",
     "LSoftmax",
+    "MagFace",
     "MarginContext",
     "MarginHead",
     "NormFace",
