@@ -209,27 +209,34 @@ def sharded_margin_softmax_loss(
 # ---------------------------------------------------------------- checkpoints
 
 
+# The named facts the checkpoint helpers exchange, in record order.
+_HEAD_FIELDS = ("num_classes", "embedding_dim", "the weight's dtype", "num_subcenters", "shard_start", "shard_size")
+
+
 def _head_facts(head: MarginHead) -> list[int]:
-    return [
-        head.num_classes,
-        head.embedding_dim,
-        sharding.dtype_code(head.weight.dtype),
-        head.shard_start,
-        head.weight.shape[0],
-    ]
+    values = {
+        "num_classes": head.num_classes,
+        "embedding_dim": head.embedding_dim,
+        "the weight's dtype": sharding.dtype_code(head.weight.dtype),
+        "num_subcenters": head.num_subcenters,
+        "shard_start": head.shard_start,
+        "shard_size": head.weight.shape[0] // head.num_subcenters,
+    }
+    return [values[name] for name in _HEAD_FIELDS]
 
 
 def _check_head_layout(rows: list[list[int]], what: str) -> None:
-    sharding.require_same(rows, 0, "num_classes", what)
-    sharding.require_same(rows, 1, "embedding_dim", what)
-    sharding.require_same(rows, 2, "the weight's dtype", what, sharding.show_dtype)
+    field = {name: index for index, name in enumerate(_HEAD_FIELDS)}
+    for name in ("num_classes", "embedding_dim", "the weight's dtype", "num_subcenters"):
+        sharding.require_same(rows, field[name], name, what, sharding.show_dtype if "dtype" in name else None)
     world_size = len(rows)
     for rank, row in enumerate(rows):
-        expected = sharding.shard_range(row[0], world_size, rank)
-        if (row[3], row[4]) != expected:
+        classes, start, size = row[field["num_classes"]], row[field["shard_start"]], row[field["shard_size"]]
+        expected = sharding.shard_range(classes, world_size, rank)
+        if (start, size) != expected:
             raise ValueError(
-                f"{what}: rank {rank} holds rows [{row[3]}, {row[3] + row[4]}) but its shard of "
-                f"{row[0]} classes over {world_size} ranks is [{expected[0]}, {sum(expected)}) "
+                f"{what}: rank {rank} holds rows [{start}, {start + size}) but its shard of "
+                f"{classes} classes over {world_size} ranks is [{expected[0]}, {sum(expected)}) "
                 f"(raised on every rank)"
             )
 
@@ -242,7 +249,8 @@ def _check_rank_argument(name: str, value: int | None, world_size: int) -> None:
 def gather_weight(
     head: MarginHead, *, dst: int | None = None, device: torch.device | str = "cpu"
 ) -> Tensor | None:
-    """The full ``[num_classes, embedding_dim]`` weight of a (sharded) head, e.g. for export.
+    """The full ``[num_classes, embedding_dim]`` weight of a (sharded) head, e.g. for export
+    (``[num_classes * num_subcenters, embedding_dim]`` for a head with sub-centres).
 
     Every rank of the head's group must call it.  Shards travel one at a time (a broadcast
     per rank, or a send to ``dst``), so besides the result each rank holds one shard-sized
@@ -273,6 +281,7 @@ def gather_weight(
     group = head.process_group
     world_size, rank = sharding.world(group)
     weight = head.weight.detach()
+    per_class = head.num_subcenters
     if group is None:
         _check_rank_argument("dst", dst, world_size)
         return weight.to(device, copy=True)
@@ -284,12 +293,13 @@ def gather_weight(
     what = "gather_weight"
     rows = sharding.exchange(group, weight.device, [*_head_facts(head), -1 if dst is None else int(dst)], error, what)
     _check_head_layout(rows, what)
-    sharding.require_same(rows, 5, "dst", what)
+    sharding.require_same(rows, len(_HEAD_FIELDS), "dst", what)
     full = None
     if dst is None or rank == dst:
-        full = torch.empty(head.num_classes, head.embedding_dim, dtype=weight.dtype, device=device)
+        full = torch.empty(head.num_classes * per_class, head.embedding_dim, dtype=weight.dtype, device=device)
     for source in range(world_size):
         start, size = sharding.shard_range(head.num_classes, world_size, source)
+        start, size = start * per_class, size * per_class
         source_global = dist.get_global_rank(group, source)
         if dst is None:
             shard = weight.contiguous() if rank == source else weight.new_empty(size, weight.shape[1])
@@ -315,14 +325,15 @@ def _check_full_weight(full_weight: object, num_classes: int, embedding_dim: int
         raise ValueError(f"full_weight must be a floating-point tensor, got {described}")
     if tuple(full_weight.shape) != (num_classes, embedding_dim):
         raise ValueError(
-            f"full_weight must have shape [{num_classes}, {embedding_dim}] (num_classes, "
-            f"embedding_dim), got {tuple(full_weight.shape)}"
+            f"full_weight must have shape [{num_classes}, {embedding_dim}] (num_classes x "
+            f"num_subcenters, embedding_dim), got {tuple(full_weight.shape)}"
         )
     return full_weight
 
 
 def load_full_weight(head: MarginHead, full_weight: Tensor | None, *, src: int | None = None) -> None:
-    """Copy this rank's rows of a full ``[num_classes, embedding_dim]`` weight into a head.
+    """Copy this rank's rows of a full ``[num_classes, embedding_dim]`` weight into a head
+    (``[num_classes * num_subcenters, embedding_dim]`` for a head with sub-centres).
 
     The counterpart of :func:`gather_weight`; works for any world size the head was built
     with, since each rank takes rows ``shard_range(num_classes, world_size, rank)``.
@@ -352,22 +363,23 @@ def load_full_weight(head: MarginHead, full_weight: Tensor | None, *, src: int |
     try:
         _check_rank_argument("src", src, world_size)
         if src is None or rank == src:
-            _check_full_weight(full_weight, head.num_classes, head.embedding_dim)
+            _check_full_weight(full_weight, head.num_classes * head.num_subcenters, head.embedding_dim)
     except Exception as exc:  # any local failure must reach the other ranks, not strand them
         error = exc
     what = "load_full_weight"
     rows = sharding.exchange(group, head.weight.device, [*_head_facts(head), -1 if src is None else int(src)], error, what)
     _check_head_layout(rows, what)
-    sharding.require_same(rows, 5, "src", what)
+    sharding.require_same(rows, len(_HEAD_FIELDS), "src", what)
     weight = head.weight
     with torch.no_grad():
         if src is None or group is None:
             assert isinstance(full_weight, Tensor)  # checked above
-            start = head.shard_start
+            start = head.shard_start * head.num_subcenters
             weight.copy_(full_weight[start : start + weight.shape[0]])
             return
         for target in range(world_size):
             start, size = sharding.shard_range(head.num_classes, world_size, target)
+            start, size = start * head.num_subcenters, size * head.num_subcenters
             if rank == src:
                 assert isinstance(full_weight, Tensor)  # checked above
                 rows_of_target = full_weight[start : start + size].to(weight.device, weight.dtype)

@@ -229,7 +229,8 @@ class MarginContext:
         ``[B]`` bool, ``False`` for ignored rows (their loss is dropped).
     embedding_norms : Tensor
         ``[B]`` :math:`\\lVert x_i\\rVert` in float64, differentiable (its gradient reaches the
-        embeddings, e.g. for MagFace's magnitude-dependent margin).
+        embeddings, e.g. for MagFace's magnitude-dependent margin); a detached copy in
+        ``prepare``.
     weight_norms : Tensor
         ``[B]`` :math:`\\lVert w_{y_i}\\rVert` of each row's target weight (the winning
         sub-centre with ``num_subcenters > 1``), float64, differentiable.
@@ -305,7 +306,7 @@ class _Config:
         scale_grad: bool = False,
         non_target: Callable[[Tensor], Tensor] | None = None,
         non_target_grad: Callable[[Tensor], Tensor] | None = None,
-        prepare: Callable[[Tensor], None] | None = None,
+        prepare: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     ) -> None:
         self.scale = scale
         self.normalize_embeddings = normalize_embeddings
@@ -1069,7 +1070,7 @@ class _MarginEngine(torch.autograd.Function):
                 torch.distributed.all_reduce(stacked, group=group)
                 cos, w_norm = stacked[0], stacked[1]
             if cfg.prepare is not None:
-                cfg.prepare(cos)
+                cfg.prepare(cos, x_norm, w_norm)
             x = embeddings.to(compute)
             xs, _ = _scaled_embeddings(x, cfg)
             blocks = _kept_blocks(cfg, x.shape[0], weight.shape[0], compute, x.device)
@@ -1610,9 +1611,11 @@ def margin_loss(
     )
     frozen: MarginContext | None = None
 
-    def run_prepare(cos: Tensor) -> None:
+    def run_prepare(cos: Tensor, x_norm: Tensor, w_norm: Tensor) -> None:
         nonlocal frozen
-        context.cos_target = cos.detach()
+        # Clones: inside the engine's Function these are outputs it also saves for backward.
+        context.cos_target = cos.detach().clone()
+        context.embedding_norms, context.weight_norms = x_norm.detach().clone(), w_norm.detach().clone()
         if prepare is not None:
             with torch.no_grad():
                 prepare(context)
@@ -1657,7 +1660,7 @@ def margin_loss(
         with _autocast_off(x_global.device):
             cos, x_norm, w_norm, _ = _target_cosine(x_global, used, local, owned, num_subcenters)
             if non_target is not None:
-                run_prepare(cos)
+                run_prepare(cos, x_norm, w_norm)
             stat, rest_sum = _plain_rest(x_global, used, local, owned, scale_value, bias_value, cfg, gemm)
     else:
         inv_norms = None if used_norms is None or not normalize_weight else _safe_reciprocal(used_norms)
@@ -1665,7 +1668,8 @@ def margin_loss(
             x_global, used, local, owned, scale_tensor, bias_value, inv_norms, cfg, group
         )
     if non_target is None:
-        run_prepare(cos)
+        run_prepare(cos, x_norm, w_norm)
+    # The hooks after prepare see the differentiable norms.
     context.embedding_norms, context.weight_norms = x_norm, w_norm
     context.rest = stat.detach()
     value = target(cos, context)
