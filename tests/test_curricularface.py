@@ -223,13 +223,7 @@ def test_autocast_bf16_and_fp16_are_finite(chunk) -> None:
     "chunk",
     [
         None,
-        pytest.param(3, marks=pytest.mark.xfail(
-            strict=True,
-            reason="engine: with a non_target hook the chunked Function runs prepare in its forward and "
-            "keeps cos.detach() (an alias created inside the higher-order op) for backward; dynamo "
-            "rejects it (same for tests/test_protocol.py's HardNegativeHead); needs a clone in "
-            "fused.margin_loss's run_prepare",
-        )),
+        3,
     ],
 )
 def test_compile_fullgraph_matches_eager(chunk) -> None:

@@ -216,7 +216,7 @@ class ElasticFace(MarginHead):
     checkpointing replays a forward, which sees the first pass's margins).  The draws cover
     the rows of the global batch, so on a class-sharded head every rank uses the same
     margins for the same rows.  In eval mode (a validation loss) every row gets the mean
-    margin :math:`m`; :meth:`logits` with labels uses the last training step's draws.
+    margin :math:`m`; :meth:`~marginloss.MarginHead.logits` with labels uses the last training step's draws.
 
     Boutros, Damer, Kirchbuchner & Kuijper, "ElasticFace: Elastic Margin Loss for Deep
     Face Recognition", CVPR Workshops 2022.  Defaults from the release's configs
