@@ -1,6 +1,7 @@
 """marginloss: exact, fused, memory-frugal margin softmax heads and metric-learning losses."""
 
 from marginloss import distributed, functional, fused, metrics, miners, samplers, sharding
+from marginloss import schedules
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import (
     ArcFace,
@@ -11,10 +12,13 @@ from marginloss.heads import (
     MarginHead,
     NormFace,
     SphereFace,
+    SphereFace2,
+    UniFace,
     create_head,
     list_heads,
     register_head,
 )
+from marginloss.schedules import MarginWarmup
 from marginloss.losses import (
     CenterLoss,
     ContrastiveLoss,
@@ -50,6 +54,7 @@ __all__ = [
     "LiftedStructureLoss",
     "MarginContext",
     "MarginHead",
+    "MarginWarmup",
     "MarginalLoss",
     "MultiSimilarityLoss",
     "NPairLoss",
@@ -58,7 +63,9 @@ __all__ = [
     "RangeLoss",
     "SoftTripleLoss",
     "SphereFace",
+    "SphereFace2",
     "TripletLoss",
+    "UniFace",
     "__version__",
     "center_loss",
     "contrastive_loss",
@@ -77,6 +84,7 @@ __all__ = [
     "range_loss",
     "register_head",
     "samplers",
+    "schedules",
     "set_validation",
     "sharding",
     "soft_triple_loss",

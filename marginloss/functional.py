@@ -48,6 +48,15 @@ from marginloss.heads.sphereface import (
     sphereface_logits,
     sphereface_target,
 )
+from marginloss.heads.sphereface2 import (
+    sphereface2,
+    sphereface2_adjust,
+    sphereface2_bias_init,
+    sphereface2_logits,
+    sphereface2_non_target,
+    sphereface2_target,
+)
+from marginloss.heads.uniface import uniface, uniface_bias_init, uniface_logits, uniface_target
 from marginloss.losses import (
     center_loss,
     contrastive_loss,
@@ -88,9 +97,19 @@ __all__ = [
     "range_loss",
     "soft_triple_loss",
     "sphereface",
+    "sphereface2",
+    "sphereface2_adjust",
+    "sphereface2_bias_init",
+    "sphereface2_logits",
+    "sphereface2_non_target",
+    "sphereface2_target",
     "sphereface_logits",
     "sphereface_target",
     "triplet_loss",
+    "uniface",
+    "uniface_bias_init",
+    "uniface_logits",
+    "uniface_target",
 ]
 
 

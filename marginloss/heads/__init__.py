@@ -17,6 +17,8 @@ from marginloss.heads.cosface import CosFace
 from marginloss.heads.lsoftmax import LSoftmax
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
+from marginloss.heads.sphereface2 import SphereFace2
+from marginloss.heads.uniface import UniFace
 
 __all__ = [
     "ArcFace",
@@ -27,6 +29,8 @@ __all__ = [
     "MarginHead",
     "NormFace",
     "SphereFace",
+    "SphereFace2",
+    "UniFace",
     "create_head",
     "list_heads",
     "register_head",
