@@ -1,7 +1,15 @@
 """marginloss: exact, fused, memory-frugal margin softmax heads and metric-learning losses."""
 
-from marginloss import distributed, functional, fused, metrics, miners, samplers, sharding
-from marginloss import schedules
+from marginloss import (
+    distributed,
+    functional,
+    fused,
+    metrics,
+    miners,
+    samplers,
+    schedules,
+    sharding,
+)
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import (
     ArcFace,
@@ -18,7 +26,6 @@ from marginloss.heads import (
     list_heads,
     register_head,
 )
-from marginloss.schedules import MarginWarmup
 from marginloss.losses import (
     CenterLoss,
     ContrastiveLoss,
@@ -41,6 +48,7 @@ from marginloss.losses import (
     soft_triple_loss,
     triplet_loss,
 )
+from marginloss.schedules import MarginWarmup
 
 __version__ = "0.2.0.dev0"
 

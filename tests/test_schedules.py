@@ -121,11 +121,11 @@ def test_user_defined_heads() -> None:
 
 
 def test_errors_name_the_argument() -> None:
-    with pytest.raises(ValueError, match="attribute.*NormFace has no attribute 'margin'"):
+    with pytest.raises(ValueError, match=r"attribute.*NormFace has no attribute 'margin'"):
         marginloss.MarginWarmup(marginloss.NormFace(4, 6), steps=3)
-    with pytest.raises(ValueError, match="attribute 'weight'.*one-element"):
+    with pytest.raises(ValueError, match=r"attribute 'weight'.*one-element"):
         marginloss.MarginWarmup(marginloss.ArcFace(4, 6), steps=3, attribute="weight")
-    with pytest.raises(ValueError, match="attribute 'easy_margin'.*got bool"):
+    with pytest.raises(ValueError, match=r"attribute 'easy_margin'.*got bool"):
         marginloss.MarginWarmup(marginloss.ArcFace(4, 6), steps=3, attribute="easy_margin")
     with pytest.raises(ValueError, match="learnable parameter"):
         marginloss.MarginWarmup(marginloss.UniFace(4, 6), steps=3, attribute="bias")

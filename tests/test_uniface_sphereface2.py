@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import marginloss
-from marginloss import fused
 from marginloss import functional as MF
+from marginloss import fused
 from tests.reference import assert_close, sphereface2_rows, uniface_rows
 
 CHUNKS = [None, 1, 7, "auto"]
@@ -174,33 +174,37 @@ def test_hypothesis_matches_reference(data: st.DataObject) -> None:
     assert_close(head.bias.grad, br.grad, **tol, what="bias.grad")
 
 
+def _sphereface2_bias_by_bisection(num_classes: int, variant: str, margin: float) -> float:
+    """The zero of d/db [λ softplus(-(a_y + b)) + (1 - λ)(C - 1) softplus(a_i + b)], the expected
+    loss of a sample orthogonal to every class (release defaults λ=0.7, r=40, t=3)."""
+    lam, r, t = 0.7, 40.0, 3.0
+
+    def g(cos: float) -> float:
+        return 2.0 * ((cos + 1.0) / 2.0) ** t - 1.0
+
+    a_y = r * (g(0.0) - margin) if variant == "C" else r * g(math.cos(math.pi / 2 + margin))
+    a_i = r * (g(0.0) + margin) if variant == "C" else r * g(0.0)
+    lo, hi = -200.0, 200.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        slope = -lam / (1 + math.exp(a_y + mid)) + (1 - lam) * (num_classes - 1) / (1 + math.exp(-(a_i + mid)))
+        lo, hi = (mid, hi) if slope < 0 else (lo, mid)
+    return lo
+
+
 def test_bias_initialisation_is_the_releases() -> None:
     # UniFace (CVI-SZU/UniFace head.py): b̃ = log(C * r * 10); our bias is -b̃.
     head = marginloss.UniFace(4, 1000, bias_ratio=2.0)
     assert math.isclose(float(head.bias.detach()), -math.log(1000 * 2.0 * 10), rel_tol=1e-6)
-    # SphereFace2 (OpenSphere): the zero of the expected loss's derivative at cos = 0,
-    # solved here numerically (bisection) instead of with the closed form.
+    # SphereFace2 (OpenSphere): solved here numerically instead of with the closed form.
     for variant, margin in (("C", 0.4), ("A", 0.5)):
-        head = marginloss.SphereFace2(4, 500, variant=variant, margin=margin)
-        lam, r, t, c = 0.7, 40.0, 3.0, 500
-
-        def g(cos: float) -> float:
-            return 2.0 * ((cos + 1.0) / 2.0) ** t - 1.0
-
-        a_y = r * (g(0.0) - margin) if variant == "C" else r * g(math.cos(math.pi / 2 + margin))
-        a_i = r * (g(0.0) + margin) if variant == "C" else r * g(0.0)
-
-        def slope(b: float) -> float:  # d/db of lam*softplus(-(a_y+b)) + (1-lam)(C-1)softplus(a_i+b)
-            return -lam / (1 + math.exp(a_y + b)) + (1 - lam) * (c - 1) / (1 + math.exp(-(a_i + b)))
-
-        lo, hi = -200.0, 200.0
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
-        assert math.isclose(float(head.bias.detach()), lo, rel_tol=1e-5, abs_tol=1e-5), variant
-        head.bias.data.fill_(3.0)
-        head.reset_parameters()
-        assert math.isclose(float(head.bias.detach()), lo, rel_tol=1e-5, abs_tol=1e-5)
+        sphere = marginloss.SphereFace2(4, 500, variant=variant, margin=margin)
+        expected = _sphereface2_bias_by_bisection(500, variant, margin)
+        assert math.isclose(float(sphere.bias.detach()), expected, rel_tol=1e-5, abs_tol=1e-5), variant
+        with torch.no_grad():
+            sphere.bias.fill_(3.0)
+        sphere.reset_parameters()
+        assert math.isclose(float(sphere.bias.detach()), expected, rel_tol=1e-5, abs_tol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

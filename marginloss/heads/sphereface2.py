@@ -154,7 +154,7 @@ def sphereface2_bias_init(
         theta = min(math.pi, math.pi / 2.0 + margin)
         a_y, a_i = scale * (2.0 * ((math.cos(theta) + 1.0) / 2.0) ** t - 1.0), scale * base
     root = math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_y - a_i))
-    return math.log(2.0 * z) - a_i - math.log(1.0 - z + root)
+    return float(math.log(2.0 * z) - a_i - math.log(1.0 - z + root))
 
 
 def sphereface2_logits(
