@@ -45,6 +45,8 @@ HEADS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "lsoftmax": (marginloss.LSoftmax, {"margin": 2, "lambda_base": 0.5, "lambda_min": 0.5}),
     "normface": (marginloss.NormFace, {"scale": 8.0}),
     "combined": (marginloss.CombinedMargin, {"scale": 16.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}),
+    "uniface": (marginloss.UniFace, {"scale": 8.0, "margin": 0.3, "negative_weight": 0.7}),
+    "sphereface2": (marginloss.SphereFace2, {"scale": 8.0, "margin": 0.3, "straight_through": False}),
 }
 
 
@@ -98,6 +100,8 @@ def cases(world_size: int) -> list[Case]:
             Case("arcface", 13, (5, 3), label_smoothing=0.1, sample_rate=0.5, steps=2),
             Case("sphereface", 12, (4, 4), ignored_rows=True, sample_rate=0.3, steps=2),
             Case("cosface", 12, (0, 0)),
+            Case("uniface", 13, (5, 3)),
+            Case("sphereface2", 12, (4, 4), chunk_size=2, reduction="none", ignored_rows=True),
         ]
     return [
         *[
@@ -107,6 +111,7 @@ def cases(world_size: int) -> list[Case]:
         ],
         Case("cosface", 14, (4, 1, 3), chunk_size=2, reduction="none", label_smoothing=0.1, ignored_rows=True),
         Case("cosface", 14, (4, 2, 3), label_smoothing=0.1, sample_rate=0.4, steps=2),
+        Case("sphereface2", 14, (4, 0, 3), chunk_size=3),
     ]
 
 

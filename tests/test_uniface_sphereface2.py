@@ -229,7 +229,7 @@ def test_state_dict_create_head_and_repr(name: str) -> None:
 def test_module_and_functional_signatures_agree(name: str) -> None:
     module_params = inspect.signature(CLASSES[name].__init__).parameters
     function_params = inspect.signature(FUNCTIONS[name]).parameters
-    module_only = ("process_group", "sample_rate", "sample_seed", "device", "dtype", *INIT_ONLY[name])
+    module_only = ("process_group", "sample_rate", "sample_seed", "device", "dtype", "label_smoothing", *INIT_ONLY[name])
     module_kw = [n for n, p in module_params.items() if p.kind is p.KEYWORD_ONLY and n not in module_only]
     function_kw = [n for n, p in function_params.items() if p.kind is p.KEYWORD_ONLY]
     assert module_kw == function_kw
@@ -245,7 +245,8 @@ def test_module_and_functional_signatures_agree(name: str) -> None:
         ("uniface", dict(negative_weight=0.0), "negative_weight"),
         ("uniface", dict(bias_ratio=-1.0), "bias_ratio"),
         ("uniface", dict(scale=0.0), "scale"),
-        ("uniface", dict(label_smoothing=0.1), "unexpected keyword"),
+        ("uniface", dict(label_smoothing=0.1), "label_smoothing must be 0 for a sigmoid-form head"),
+        ("sphereface2", dict(label_smoothing=0.1), "label_smoothing must be 0 for a sigmoid-form head"),
         ("sphereface2", dict(lambd=1.0), "lambd"),
         ("sphereface2", dict(lambd=0.0), "lambd"),
         ("sphereface2", dict(t=0.0), "t must"),

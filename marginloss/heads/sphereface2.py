@@ -295,8 +295,10 @@ class SphereFace2(MarginHead):
     straight_through : bool, default True
         The release's gradient rule (see above).
     reduction, ignore_index, chunk_size, process_group, sample_rate, sample_seed, device, dtype
-        As for every head: see :class:`marginloss.MarginHead`.  ``label_smoothing`` is not
-        offered (a sigmoid-form head).
+        As for every head: see :class:`marginloss.MarginHead`.
+    label_smoothing : float, default 0.0
+        Must be 0: there is no softmax to smooth (a sigmoid-form head); accepted so that code
+        building any head with ``label_smoothing=0.0`` works.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -327,6 +329,7 @@ class SphereFace2(MarginHead):
         variant: str = "C",
         straight_through: bool = True,
         reduction: str = "mean",
+        label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
         process_group: ProcessGroup | None = None,
@@ -340,7 +343,8 @@ class SphereFace2(MarginHead):
         loss_weight = V.check_float("loss_weight", loss_weight, low=0.0, low_open=True)
         init = sphereface2_bias_init(num_classes, scale, margin, lambd, t, variant)
         super().__init__(
-            embedding_dim, num_classes, scale=scale, reduction=reduction, ignore_index=ignore_index,
+            embedding_dim, num_classes, scale=scale, reduction=reduction, label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
             chunk_size=chunk_size, process_group=process_group, sample_rate=sample_rate,
             sample_seed=sample_seed, device=device, dtype=dtype,
         )

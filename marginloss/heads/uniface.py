@@ -173,8 +173,10 @@ class UniFace(MarginHead):
         :math:`r > 0` of the bias initialisation :math:`\tilde b_0 = \log(10 r C)` (the release's
         ``r``); used only by :meth:`reset_parameters`.
     reduction, ignore_index, chunk_size, process_group, sample_rate, sample_seed, device, dtype
-        As for every head: see :class:`marginloss.MarginHead`.  ``label_smoothing`` is not
-        offered (a sigmoid-form head).
+        As for every head: see :class:`marginloss.MarginHead`.
+    label_smoothing : float, default 0.0
+        Must be 0: there is no softmax to smooth (a sigmoid-form head); accepted so that code
+        building any head with ``label_smoothing=0.0`` works.
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
@@ -205,6 +207,7 @@ class UniFace(MarginHead):
         negative_weight: float = 1.0,
         bias_ratio: float = 1.0,
         reduction: str = "mean",
+        label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
         process_group: ProcessGroup | None = None,
@@ -218,8 +221,8 @@ class UniFace(MarginHead):
         bias_ratio = V.check_float("bias_ratio", bias_ratio, low=0.0, low_open=True)
         super().__init__(
             embedding_dim, num_classes, scale=check_scale(scale), reduction=reduction,
-            ignore_index=ignore_index, chunk_size=chunk_size, process_group=process_group,
-            sample_rate=sample_rate, sample_seed=sample_seed, device=device, dtype=dtype,
+            label_smoothing=label_smoothing, ignore_index=ignore_index, chunk_size=chunk_size,
+            process_group=process_group, sample_rate=sample_rate, sample_seed=sample_seed, device=device, dtype=dtype,
         )
         self.margin = margin
         self.negative_weight = negative_weight
