@@ -1,6 +1,15 @@
 """marginloss: exact, fused, memory-frugal margin softmax heads and metric-learning losses."""
 
-from marginloss import distributed, functional, fused, metrics, miners, samplers, sharding
+from marginloss import (
+    distributed,
+    functional,
+    fused,
+    metrics,
+    miners,
+    samplers,
+    schedules,
+    sharding,
+)
 from marginloss._validation import set_validation, validation, validation_enabled
 from marginloss.heads import (
     LGM,
@@ -17,7 +26,9 @@ from marginloss.heads import (
     MarginHead,
     NormFace,
     SphereFace,
+    SphereFace2,
     SubCenterArcFace,
+    UniFace,
     UniformFace,
     create_head,
     list_heads,
@@ -45,6 +56,7 @@ from marginloss.losses import (
     soft_triple_loss,
     triplet_loss,
 )
+from marginloss.schedules import MarginWarmup
 
 __version__ = "0.2.0.dev0"
 
@@ -64,6 +76,7 @@ __all__ = [
     "MagFace",
     "MarginContext",
     "MarginHead",
+    "MarginWarmup",
     "MarginalLoss",
     "MultiSimilarityLoss",
     "NPairLoss",
@@ -72,8 +85,10 @@ __all__ = [
     "RangeLoss",
     "SoftTripleLoss",
     "SphereFace",
+    "SphereFace2",
     "SubCenterArcFace",
     "TripletLoss",
+    "UniFace",
     "UniformFace",
     "__version__",
     "center_loss",
@@ -93,6 +108,7 @@ __all__ = [
     "range_loss",
     "register_head",
     "samplers",
+    "schedules",
     "set_validation",
     "sharding",
     "soft_triple_loss",

@@ -75,7 +75,16 @@ from marginloss.heads.sphereface import (
     sphereface_logits,
     sphereface_target,
 )
+from marginloss.heads.sphereface2 import (
+    sphereface2,
+    sphereface2_adjust,
+    sphereface2_bias_init,
+    sphereface2_logits,
+    sphereface2_non_target,
+    sphereface2_target,
+)
 from marginloss.heads.subcenter_arcface import subcenter_arcface, subcenter_arcface_logits
+from marginloss.heads.uniface import uniface, uniface_bias_init, uniface_logits, uniface_target
 from marginloss.heads.uniformface import uniform_loss, uniformface, update_centers
 from marginloss.losses import (
     center_loss,
@@ -139,11 +148,21 @@ __all__ = [
     "range_loss",
     "soft_triple_loss",
     "sphereface",
+    "sphereface2",
+    "sphereface2_adjust",
+    "sphereface2_bias_init",
+    "sphereface2_logits",
+    "sphereface2_non_target",
+    "sphereface2_target",
     "sphereface_logits",
     "sphereface_target",
     "subcenter_arcface",
     "subcenter_arcface_logits",
     "triplet_loss",
+    "uniface",
+    "uniface_bias_init",
+    "uniface_logits",
+    "uniface_target",
     "uniform_loss",
     "uniformface",
     "update_centers",

@@ -564,3 +564,71 @@ def adacos_scale_reference(x: Tensor, weight: Tensor, labels: Tensor, scale: flo
     theta_med = sorted(angles)[(len(angles) - 1) // 2]
     new = math.log(b_avg) / math.cos(min(math.pi / 4, theta_med))
     return new if math.isfinite(new) and new > 0 else scale
+
+
+
+def uniface_rows(
+    x: Tensor, weight: Tensor, labels: Tensor, bias: Tensor, *, scale: float, margin: float,
+    negative_weight: float = 1.0, ignore_index: int = -100,
+) -> Tensor:
+    """Zhou et al. (ICCV 2023), marginal UCE, one sample and one class at a time:
+    log(1 + exp(-(s(cos θ_y - m) - b̃))) + λ Σ_j log(1 + exp(s cos θ_j - b̃)), with b̃ = -bias."""
+    threshold = -bias
+    rows = []
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        if y == ignore_index:
+            rows.append(x.sum() * 0.0)
+            continue
+        total = x.new_zeros(())
+        for j in range(weight.shape[0]):
+            cos = torch.dot(x[i], weight[j]) / (x[i].norm() * weight[j].norm())
+            if j == y:
+                total = total + torch.log1p(torch.exp(-(scale * (cos - margin) - threshold)))
+            else:
+                total = total + negative_weight * torch.log1p(torch.exp(scale * cos - threshold))
+        rows.append(total)
+    return torch.stack(rows)
+
+
+def sphereface2_rows(
+    x: Tensor, weight: Tensor, labels: Tensor, bias: Tensor, *, scale: float = 40.0, margin: float = 0.4,
+    lambd: float = 0.7, t: float = 3.0, loss_weight: float = 50.0, variant: str = "C",
+    straight_through: bool = True, ignore_index: int = -100,
+) -> Tensor:
+    """Wen et al. (ICLR 2022), Eq. 5 with g(c) = 2((c+1)/2)^t - 1, times the release's loss weight.
+
+    Variant C: target g(cos θ) - m, others g(cos θ) + m; variant A: target g(cos(min(θ + m, π))),
+    others g(cos θ).  ``straight_through``: the adjustment carries no gradient (the release
+    computes it under no_grad), so d logit / d cos = r.
+    """
+
+    def g(c: Tensor) -> Tensor:
+        return 2.0 * ((c + 1.0) / 2.0) ** t - 1.0
+
+    rows = []
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        if y == ignore_index:
+            rows.append(x.sum() * 0.0)
+            continue
+        total = x.new_zeros(())
+        for j in range(weight.shape[0]):
+            cos = torch.dot(x[i], weight[j]) / (x[i].norm() * weight[j].norm())
+            if j == y:
+                if variant == "C":
+                    adjusted = g(cos) - margin
+                else:
+                    theta = torch.acos(cos.clamp(-1.0, 1.0))
+                    adjusted = g(torch.cos(torch.clamp(theta + margin, max=math.pi)))
+            else:
+                adjusted = g(cos) + (margin if variant == "C" else 0.0)
+            if straight_through:
+                adjusted = cos + (adjusted - cos).detach()
+            logit = scale * adjusted + bias
+            if j == y:
+                total = total + lambd / scale * torch.log1p(torch.exp(-logit))
+            else:
+                total = total + (1.0 - lambd) / scale * torch.log1p(torch.exp(logit))
+        rows.append(loss_weight * total)
+    return torch.stack(rows)

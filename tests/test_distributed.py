@@ -51,6 +51,8 @@ HEADS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "elasticface": (marginloss.ElasticFace, {"scale": 16.0, "sigma": 0.1, "plus": True}),
     "elasticface_cos": (marginloss.ElasticFace, {"kind": "cos", "scale": 16.0, "sigma": 0.1}),
     "subcenter_arcface": (marginloss.SubCenterArcFace, {"num_subcenters": 3, "scale": 16.0, "margin": 0.4}),
+    "uniface": (marginloss.UniFace, {"scale": 8.0, "margin": 0.3, "negative_weight": 0.7}),
+    "sphereface2": (marginloss.SphereFace2, {"scale": 8.0, "margin": 0.3, "straight_through": False}),
 }
 
 
@@ -112,6 +114,8 @@ def cases(world_size: int) -> list[Case]:
             Case("elasticface_cos", 12, (2, 6)),
             Case("subcenter_arcface", 13, (5, 3), steps=2),  # per-rank counts are not shared state
             Case("subcenter_arcface", 13, (4, 2), chunk_size=2, label_smoothing=0.1, ignored_rows=True),
+            Case("uniface", 13, (5, 3)),
+            Case("sphereface2", 12, (4, 4), chunk_size=2, reduction="none", ignored_rows=True),
         ]
     return [
         *[
@@ -124,6 +128,7 @@ def cases(world_size: int) -> list[Case]:
         Case("curricularface", 14, (4, 1, 3), chunk_size=2),
         Case("elasticface", 14, (4, 0, 3)),
         Case("subcenter_arcface", 14, (4, 1, 3), chunk_size=3),
+        Case("sphereface2", 14, (4, 0, 3), chunk_size=3),
     ]
 
 

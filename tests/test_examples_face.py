@@ -368,7 +368,10 @@ def test_center_loss_sees_unit_vectors_beside_norm_free_heads() -> None:
             assert torch.allclose(got.norm(dim=1), torch.ones(5))
         else:
             assert got is embeddings
-    assert set(NORM_FREE_HEADS) == {"arcface", "cosface", "combined", "normface", "subcenter_arcface", "curricularface", "elasticface"}
+    assert set(NORM_FREE_HEADS) == {
+        "arcface", "cosface", "combined", "normface", "subcenter_arcface", "curricularface", "elasticface",
+        "uniface", "sphereface2",
+    }
 
 
 @pytest.mark.parametrize("extra", [["--loss", "multi_similarity", "--head", "arcface"],

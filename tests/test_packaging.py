@@ -33,10 +33,11 @@ pytestmark = pytest.mark.xdist_group("packaging")
 ROOT = Path(__file__).resolve().parent.parent
 HEAD_FILES = (
     "__init__", "_common", "base", "adacos", "adaface", "arcface", "combined_margin", "cosface", "curricularface",
-    "elasticface", "lgm", "lsoftmax", "magface", "normface", "sphereface", "subcenter_arcface", "uniformface",
+    "elasticface", "lgm", "lsoftmax", "magface", "normface", "sphereface", "sphereface2", "subcenter_arcface", "uniface",
+    "uniformface",
 )
 MODULES = (
-    "__init__", "_validation", "distributed", "functional", "fused", "sharding", "samplers", "losses/__init__", "metrics", "miners",
+    "__init__", "_validation", "distributed", "functional", "fused", "sharding", "samplers", "schedules", "losses/__init__", "metrics", "miners",
     *(f"heads/{name}" for name in HEAD_FILES),
 )
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = ("softmax", "arcface", "cosface", "sphereface", "lsoftmax", "combined", "normface", "lgm", "uniformface",
-         "subcenter_arcface", "curricularface", "elasticface", "adaface", "magface", "adacos")
+         "subcenter_arcface", "curricularface", "elasticface", "adaface", "magface", "adacos", "uniface", "sphereface2")
 
 # Toy defaults (used when --scale/--margin are not given). The papers' values are larger:
 # ArcFace s=64 m=0.5, CosFace s=64 m=0.35, NormFace s=16, combined (InsightFace) s=64
@@ -53,7 +53,12 @@ HEAD_DEFAULTS: dict[str, dict[str, float]] = {
     # lambda_g = 10 is above the paper's bound s k u_a^2 l_a^2 / (u_a^2 - l_a^2) ~ 4.9.
     "magface": {"scale": 24.0, "l_a": 5.0, "u_a": 30.0, "l_m": 0.2, "u_m": 0.4, "lambda_g": 10.0},
     "adacos": {},  # no hyperparameters: the scale is sqrt(2) log(C - 1), then adapted
+    # Sigmoid-form heads (one binary classifier per class, learnable bias; papers: UniFace
+    # s=64 m=0.4, SphereFace2 r=40 m=0.4). They take no label smoothing.
+    "uniface": {"scale": 24.0, "margin": 0.3},
+    "sphereface2": {"scale": 24.0, "margin": 0.3},
 }
+SIGMOID_HEADS = ("uniface", "sphereface2")
 
 CHECKPOINT_FORMAT = "marginloss-face-example/1"
 
@@ -122,12 +127,15 @@ def make_head(name: str, embedding_dim: int, num_classes: int, kwargs: dict[str,
     options = dict(kwargs)
     if name in ("sphereface", "lsoftmax", "uniformface"):
         options["margin"] = int(options["margin"])  # an integer multiplicative margin
-    return marginloss.create_head(registered, embedding_dim, num_classes, label_smoothing=label_smoothing, **options)
+    if name not in SIGMOID_HEADS:  # label smoothing belongs to the softmax form
+        options["label_smoothing"] = label_smoothing
+    return marginloss.create_head(registered, embedding_dim, num_classes, **options)
 
 
 # Heads whose logits ignore the embedding norm: a center loss beside them should see unit
 # vectors, or it could be lowered for free by shrinking every embedding towards zero.
-NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface", "subcenter_arcface", "curricularface", "elasticface")
+NORM_FREE_HEADS = ("arcface", "cosface", "combined", "normface", "subcenter_arcface", "curricularface", "elasticface",
+                   "uniface", "sphereface2")
 
 
 def center_loss_input(head_name: str, embeddings: torch.Tensor) -> torch.Tensor:

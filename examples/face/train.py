@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--finetune-epochs", type=int, default=0, help="epochs of the second stage")
     optim.add_argument("--finetune-lr", type=float, default=None, help="peak lr of the second stage (default: --lr / 4)")
     optim.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut every epoch after this many batches")
+    optim.add_argument("--margin-warmup", type=int, default=0, metavar="N",
+                       help="ramp the head's margin linearly from 0 over the first N steps of each stage "
+                       "(marginloss.MarginWarmup; 0: off)")
 
     run = parser.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -230,6 +233,24 @@ def make_optimizer(args: argparse.Namespace, modules: Sequence[nn.Module], lr: f
     return torch.optim.AdamW(groups, lr=lr)
 
 
+# The float margins --margin-warmup ramps, per head (SphereFace's and L-Softmax's integer
+# margins have their own lambda annealing).
+WARMUP_ATTRIBUTES = {"arcface": ("margin",), "cosface": ("margin",), "combined": ("m2", "m3"),
+                     "uniface": ("margin",), "sphereface2": ("margin",)}
+
+
+def margin_warmups(head: nn.Module, head_name: str, steps: int) -> list[Any]:
+    """``marginloss.MarginWarmup`` schedules for ``--margin-warmup N`` (none for N = 0)."""
+    if steps <= 0:
+        return []
+    if head_name not in WARMUP_ATTRIBUTES:
+        raise ValueError(f"--margin-warmup needs a head with a float margin ({', '.join(WARMUP_ATTRIBUTES)}), "
+                         f"got --head {head_name}")
+    import marginloss
+
+    return [marginloss.MarginWarmup(head, steps=steps, attribute=name) for name in WARMUP_ATTRIBUTES[head_name]]
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Any:
     """LR multiplier per step: linear warmup to 1, then cosine decay to ``min_ratio``."""
 
@@ -279,6 +300,7 @@ def train_one_epoch(
     backbone: nn.Module, head: nn.Module, center_loss: nn.Module | None, loader: DataLoader, steps: int,
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
     device: torch.device, args: argparse.Namespace, desc: str, head_name: str, pair_loss: nn.Module | None = None,
+    warmups: Sequence[Any] = (),
 ) -> tuple[float, float]:
     """One pass over at most ``steps`` batches; returns the mean loss and the training accuracy."""
     backbone.train()
@@ -306,6 +328,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        for warmup in warmups:
+            warmup.step()
         with torch.no_grad():
             correct += int((head.logits(embeddings).argmax(1) == labels).sum())
         total_loss += float(loss.detach()) * labels.numel()
@@ -481,6 +505,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             continue
         modules = [backbone, head] + [m for m in (center_loss, pair_loss) if m is not None]
         optimizer = make_optimizer(args, modules, stage.lr)
+        warmups = margin_warmups(head, stage.head, args.margin_warmup)
         total_steps = stage.epochs * steps_per_epoch
         warmup_steps = min(total_steps, max(1, round(args.warmup_epochs * steps_per_epoch)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, args.min_lr_ratio))
@@ -488,6 +513,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
             scaler.load_state_dict(resume_state["scaler"])
+            for warmup, warmup_state in zip(warmups, resume_state.get("warmup_state") or ()):
+                warmup.load_state_dict(warmup_state)
         while stage_epoch < stage.epochs:
             if args.stop_after is not None and epochs_this_run >= args.stop_after:
                 print(f"stopping after {epochs_this_run} epoch(s) as asked; continue with --resume", flush=True)
@@ -499,6 +526,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             train_loss, train_acc = train_one_epoch(
                 backbone, head, center_loss, train_loader, steps_per_epoch, optimizer, scheduler, scaler, device, args,
                 desc=f"epoch {global_epoch + 1} [{stage.head}]", head_name=stage.head, pair_loss=pair_loss,
+                warmups=warmups,
             )
             dev_loss, dev_acc = evaluate(backbone, head, dev_loader, device, args.amp)
             stage_epoch += 1
@@ -525,6 +553,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "center_state": center_loss.state_dict() if center_loss is not None else None,
                 "pair_state": pair_loss.state_dict() if pair_loss is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "warmup_state": [warmup.state_dict() for warmup in warmups],
                 "stage": stage_index, "stage_epoch": stage_epoch, "history": history, "rng": _rng_state(loader_generator),
             }, checkpoint_path)
             write_metrics(history, out)

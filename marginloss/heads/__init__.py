@@ -23,7 +23,9 @@ from marginloss.heads.lsoftmax import LSoftmax
 from marginloss.heads.magface import MagFace
 from marginloss.heads.normface import NormFace
 from marginloss.heads.sphereface import SphereFace
+from marginloss.heads.sphereface2 import SphereFace2
 from marginloss.heads.subcenter_arcface import SubCenterArcFace
+from marginloss.heads.uniface import UniFace
 from marginloss.heads.uniformface import UniformFace
 
 __all__ = [
@@ -41,7 +43,9 @@ __all__ = [
     "MarginHead",
     "NormFace",
     "SphereFace",
+    "SphereFace2",
     "SubCenterArcFace",
+    "UniFace",
     "UniformFace",
     "create_head",
     "list_heads",
