@@ -2,7 +2,7 @@
 
 Shape, dtype and hyperparameter checks are free and always run.  Checks on tensor
 *values* (label range, finiteness) need a device-to-host synchronisation; they run by
-default and can be switched off globally with :func:`set_validation` (in the spirit of
+default and can be switched off globally with :func:`~marginloss.set_validation` (in the spirit of
 ``torch.distributions.Distribution.set_default_validate_args``).  They are also skipped
 while ``torch.compile`` traces, where a data-dependent ``raise`` cannot be expressed.
 """
@@ -51,13 +51,13 @@ def set_validation(enabled: bool) -> None:
 
 
 def validation_enabled() -> bool:
-    """Whether value checks that need a device synchronisation are on (see :func:`set_validation`)."""
+    """Whether value checks that need a device synchronisation are on (see :func:`~marginloss.set_validation`)."""
     return _VALIDATE
 
 
 @contextmanager
 def validation(enabled: bool) -> Iterator[None]:
-    """Context manager that sets :func:`set_validation` for a block and restores it after.
+    """Context manager that sets :func:`~marginloss.set_validation` for a block and restores it after.
 
     Examples
     --------
@@ -116,7 +116,7 @@ def check_inputs_values(
     Non-finite embeddings, weight rows with a non-finite norm (NaN/inf entries, or entries so
     large that the norm overflows) and labels outside ``[0, num_classes)`` that are not
     ``ignore_index``.  On the CPU the label check always runs (it costs no synchronisation);
-    elsewhere all of them follow :func:`set_validation`.
+    elsewhere all of them follow :func:`~marginloss.set_validation`.
     """
     checked = values_checked(embeddings, weight_norms, labels)
     if not checked and not labels_checked(labels):

@@ -45,7 +45,7 @@ class MarginWarmup:
 
     Parameters
     ----------
-    head : MarginHead or any object
+    head : object
         The head whose attribute is scheduled (any object with the attribute).
     steps : int
         :math:`N`, the number of :meth:`step` calls over which the value ramps, at least 1.

@@ -213,7 +213,7 @@ def sphereface2(
     chunk_size: ChunkSize = "auto",
 ) -> Tensor:
     r"""SphereFace2 loss from embeddings ``[B, D]``, class weights ``[C, D]`` and a one-element
-    ``bias`` (see :func:`sphereface2_bias_init`); see :class:`marginloss.SphereFace2`.
+    ``bias`` (see :func:`~marginloss.functional.sphereface2_bias_init`); see :class:`marginloss.SphereFace2`.
 
     Examples
     --------
@@ -257,7 +257,7 @@ class SphereFace2(MarginHead):
         L_i = w\Bigl[\frac{\lambda}{r}\log\bigl(1 + e^{-(r f(\cos\theta_{iy_i}) + b)}\bigr)
               + \frac{1-\lambda}{r}\sum_{j\ne y_i}\log\bigl(1 + e^{r g_n(\cos\theta_{ij}) + b}\bigr)\Bigr],
 
-    with :math:`g(c) = 2\left(\frac{c+1}{2}\right)^t - 1` (:func:`sphereface2_adjust`) and, for
+    with :math:`g(c) = 2\left(\frac{c+1}{2}\right)^t - 1` (:func:`~marginloss.functional.sphereface2_adjust`) and, for
     the default variant "C" (SphereFace2-C, additive cosine margin), :math:`f(c) = g(c) - m`,
     :math:`g_n(c) = g(c) + m`; variant "A" (additive angular margin) has
     :math:`f(c) = g(\cos\min(\theta + m, \pi))` and :math:`g_n = g`.
@@ -266,7 +266,7 @@ class SphereFace2(MarginHead):
     Deep Face Recognition", ICLR 2022.  Defaults are the official release's (OpenSphere,
     ``SphereFace2(magn_type='C', alpha=0.7, r=40., m=0.4, t=3., lw=50.)``), which the paper's
     text shares except for the loss weight ``lw`` (the paper's loss is ``loss_weight=1``).  As
-    in the release, the bias starts at :func:`sphereface2_bias_init` and the adjustment's
+    in the release, the bias starts at :func:`~marginloss.functional.sphereface2_bias_init` and the adjustment's
     gradient is not propagated (``straight_through=True``: the logits' derivative with
     respect to :math:`\cos\theta` is :math:`r`); ``straight_through=False`` gives the exact
     derivative of the formula.  The release renormalises its stored weight in place every
@@ -358,7 +358,7 @@ class SphereFace2(MarginHead):
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weight (see :class:`marginloss.MarginHead`) and the release's bias
-        (:func:`sphereface2_bias_init`)."""
+        (:func:`~marginloss.functional.sphereface2_bias_init`)."""
         super().reset_parameters()
         if isinstance(self.bias, nn.Parameter):  # not yet while the base class sets up
             init = sphereface2_bias_init(self.num_classes, float(self.scale), self.margin, self.lambd, self.t, self.variant)

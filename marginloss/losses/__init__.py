@@ -5,20 +5,20 @@ center and SoftTriple losses, learned centers), with the same argument names in 
 order.  All compute in at least ``float32``, also under autocast, and give a defined,
 documented value (never NaN) for batches without positive or negative pairs.
 
-=====================================  ======================================  =============================
-module                                 function                                source
-=====================================  ======================================  =============================
-:class:`CenterLoss`                    :func:`center_loss`                     Wen et al., ECCV 2016
-:class:`TripletLoss`                   :func:`triplet_loss`                    Schroff et al., CVPR 2015
-:class:`ContrastiveLoss`               :func:`contrastive_loss`                Hadsell et al., CVPR 2006
-:class:`QuadrupletLoss`                :func:`quadruplet_loss`                 Chen et al., CVPR 2017
-:class:`NPairLoss`                     :func:`npair_loss`                      Sohn, NeurIPS 2016
-:class:`LiftedStructureLoss`           :func:`lifted_structure_loss`           Song et al., CVPR 2016
-:class:`MultiSimilarityLoss`           :func:`multi_similarity_loss`           Wang et al., CVPR 2019
-:class:`SoftTripleLoss`                :func:`soft_triple_loss`                Qian et al., ICCV 2019
-:class:`RangeLoss`                     :func:`range_loss`                      Zhang et al., ICCV 2017
-:class:`MarginalLoss`                  :func:`marginal_loss`                   Deng et al., CVPRW 2017
-=====================================  ======================================  =============================
+========================================  =========================================  =========================
+module                                    function                                   source
+========================================  =========================================  =========================
+:class:`~marginloss.CenterLoss`           :func:`~marginloss.center_loss`            Wen et al., ECCV 2016
+:class:`~marginloss.TripletLoss`          :func:`~marginloss.triplet_loss`           Schroff et al., CVPR 2015
+:class:`~marginloss.ContrastiveLoss`      :func:`~marginloss.contrastive_loss`       Hadsell et al., CVPR 2006
+:class:`~marginloss.QuadrupletLoss`       :func:`~marginloss.quadruplet_loss`        Chen et al., CVPR 2017
+:class:`~marginloss.NPairLoss`            :func:`~marginloss.npair_loss`             Sohn, NeurIPS 2016
+:class:`~marginloss.LiftedStructureLoss`  :func:`~marginloss.lifted_structure_loss`  Song et al., CVPR 2016
+:class:`~marginloss.MultiSimilarityLoss`  :func:`~marginloss.multi_similarity_loss`  Wang et al., CVPR 2019
+:class:`~marginloss.SoftTripleLoss`       :func:`~marginloss.soft_triple_loss`       Qian et al., ICCV 2019
+:class:`~marginloss.RangeLoss`            :func:`~marginloss.range_loss`             Zhang et al., ICCV 2017
+:class:`~marginloss.MarginalLoss`         :func:`~marginloss.marginal_loss`          Deng et al., CVPRW 2017
+========================================  =========================================  =========================
 """
 
 from __future__ import annotations

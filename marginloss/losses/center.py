@@ -38,7 +38,7 @@ def center_loss(
     :math:`\tfrac12 \sum_i \lVert x_i - c_{y_i} \rVert^2`; ``"none"`` returns every
     :math:`\ell_i`.  An empty batch gives 0 for ``"mean"`` and ``"sum"``.  The gradient flows
     into ``embeddings`` and, if it requires grad, into ``centers`` (Wen et al.'s alternative
-    center update lives in :class:`CenterLoss`).  Computed in at least ``float32``, also under
+    center update lives in :class:`~marginloss.CenterLoss`).  Computed in at least ``float32``, also under
     autocast.
 
     Parameters
