@@ -97,14 +97,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "head": "arcface",
         "embeddings": "trained",
         "feature_norm": 1.0,
-        "methods": ("gemm", "plain", "pml", "marginloss_plain", "marginloss_fused"),
+        "methods": ("gemm", "plain", "pml", "marginloss_plain", "marginloss_fused", "baseline_fused"),
         "about": f"ArcFace (s=64, m=0.5), each x at cos θ = {TRAINED_COS} to its class weight",
     },
     "sphereface-trained": {
         "head": "sphereface",
         "embeddings": "trained",
         "feature_norm": SPHERE_FEATURE_NORM,
-        "methods": ("gemm", "gemm_subnormal", "marginloss_plain", "marginloss_fused"),
+        "methods": ("gemm", "gemm_subnormal", "marginloss_plain", "marginloss_fused", "baseline_fused"),
         "about": (
             f"SphereFace (m=4, λ=5), x at cos θ = {TRAINED_COS} to its class weight, "
             f"‖x‖ = {SPHERE_FEATURE_NORM:g} (large late-training feature norms)"

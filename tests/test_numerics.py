@@ -155,3 +155,54 @@ def test_logits_functions_reject_values_that_are_not_cosines(fn, extra) -> None:
     assert torch.isfinite(fn(rounding, labels, *extra)).all()
     with marginloss.validation(False):
         fn(logits, labels, *extra)  # the value check follows the switch
+
+
+# ---------------------------------------------------------------- every registered head
+
+# Heads whose loss depends on the embedding norm by design (the margin follows ‖x‖).
+NORM_DEPENDENT = {"sphereface", "lsoftmax", "uniformface", "adaface", "magface"}
+
+
+def _registered(name: str, **kwargs):
+    head = marginloss.create_head(name, 8, 11, dtype=torch.float64, **kwargs)
+    head.eval()  # no state advances between the calls compared
+    return head
+
+
+@pytest.mark.parametrize("name", marginloss.list_heads())
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_every_head_names_non_finite_weight_rows(name, chunk) -> None:
+    head = _registered(name, chunk_size=chunk)
+    x, _, y = _problem(seed=7)
+    with torch.no_grad():
+        head.weight[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight must be finite, got 1 of \d+ row"):
+        head(x.double(), y)
+
+
+@pytest.mark.parametrize("name", marginloss.list_heads())
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_every_head_gives_a_zero_embedding_a_finite_bounded_gradient(name, chunk) -> None:
+    head = _registered(name, chunk_size=chunk)
+    x, _, y = _problem(seed=8)
+    x = x.double()
+    x[1] = 0.0
+    x.requires_grad_()
+    loss = head(x, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(head.weight.grad).all())
+    assert float(x.grad[1].abs().max()) <= 100.0
+
+
+@pytest.mark.parametrize("name", sorted(set(marginloss.list_heads()) - NORM_DEPENDENT))
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("norm", [1e-25, 1e20])
+def test_every_norm_free_head_is_scale_invariant_in_float32(name, chunk, norm) -> None:
+    head = marginloss.create_head(name, 8, 11, chunk_size=chunk)
+    head.eval()
+    x, _, y = _problem(seed=9)
+    unit = x / x.norm(dim=1, keepdim=True)
+    expected = head(unit, y)
+    got = head((unit.double() * norm).float(), y)
+    assert_close(got, expected, rtol=1e-4, atol=1e-4, what=f"{name} at norm {norm:g}")

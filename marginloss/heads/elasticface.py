@@ -246,8 +246,26 @@ class ElasticFace(MarginHead):
         ElasticFace+: the largest target cosine gets the smallest margin.
     seed : int, default 0
         Seeds the margin draws together with the step.
-    reduction, label_smoothing, ignore_index, chunk_size, process_group, sample_rate, sample_seed, device, dtype
-        As for every head: see :class:`marginloss.MarginHead`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        As in :class:`torch.nn.CrossEntropyLoss`; ``"mean"`` averages over the rows whose label is
+        not ``ignore_index`` (an all-ignored batch gives 0).
+    label_smoothing : float, default 0.0
+        As in :class:`torch.nn.CrossEntropyLoss`, in ``[0, 1]``.
+    ignore_index : int, default -100
+        Rows with this label contribute nothing (PyTorch's convention).
+    chunk_size : int, "auto" or None, default "auto"
+        Classes per chunk of the engine; ``"auto"`` picks plain autograd for small problems and the
+        chunked engine otherwise, ``None`` is plain autograd (see :mod:`marginloss.fused`).
+    process_group : ProcessGroup, optional
+        Shard the classes over this group (see :mod:`marginloss.distributed`).
+    sample_rate : float, default 1.0
+        PartialFC: the fraction of each shard's classes kept per training step, in ``(0, 1]``.
+    sample_seed : int, default 0
+        Seeds the PartialFC draw together with the rank and the step.
+    device : torch.device or str, optional
+        Where the weight is created.
+    dtype : torch.dtype, optional
+        The weight's dtype (float32 by default).
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64

@@ -237,18 +237,40 @@ class MagFace(MarginHead):
         :math:`C`.
     scale : float, default 64.0
         :math:`s` (the release's ``--arc-scale``).
-    l_a, u_a : float, default 10.0, 110.0
-        The magnitude range :math:`0 < l_a < u_a` (the release's ``--l_a``, ``--u_a``).
-    l_m, u_m : float, default 0.45, 0.8
-        The margins at :math:`l_a` and :math:`u_a`, radians, :math:`0 \le l_m \le u_m < \pi`
-        (the release's ``--l_margin``, ``--u_margin``).
+    l_a : float, default 10.0
+        The lower end of the magnitude range, :math:`0 < l_a < u_a` (the release's ``--l_a``).
+    u_a : float, default 110.0
+        The upper end of the magnitude range (the release's ``--u_a``).
+    l_m : float, default 0.45
+        The margin at :math:`l_a`, radians, :math:`0 \le l_m \le u_m < \pi` (the release's
+        ``--l_margin``).
+    u_m : float, default 0.8
+        The margin at :math:`u_a`, radians (the release's ``--u_margin``).
     lambda_g : float, default 35.0
         :math:`\lambda_g \ge 0`, the regulariser's weight (the release's scripts).
     easy_margin : bool, default True
         Keep :math:`\cos\theta` where :math:`\cos\theta \le 0` (the release); ``False`` uses
         ArcFace's monotonic fallback :math:`\cos\theta - m\sin m` past :math:`\theta + m > \pi`.
-    reduction, label_smoothing, ignore_index, chunk_size, process_group, sample_rate, sample_seed, device, dtype
-        As for every head: see :class:`marginloss.MarginHead`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        As in :class:`torch.nn.CrossEntropyLoss`; ``"mean"`` averages over the rows whose label is
+        not ``ignore_index`` (an all-ignored batch gives 0).
+    label_smoothing : float, default 0.0
+        As in :class:`torch.nn.CrossEntropyLoss`, in ``[0, 1]``.
+    ignore_index : int, default -100
+        Rows with this label contribute nothing (PyTorch's convention).
+    chunk_size : int, "auto" or None, default "auto"
+        Classes per chunk of the engine; ``"auto"`` picks plain autograd for small problems and the
+        chunked engine otherwise, ``None`` is plain autograd (see :mod:`marginloss.fused`).
+    process_group : ProcessGroup, optional
+        Shard the classes over this group (see :mod:`marginloss.distributed`).
+    sample_rate : float, default 1.0
+        PartialFC: the fraction of each shard's classes kept per training step, in ``(0, 1]``.
+    sample_seed : int, default 0
+        Seeds the PartialFC draw together with the rank and the step.
+    device : torch.device or str, optional
+        Where the weight is created.
+    dtype : torch.dtype, optional
+        The weight's dtype (float32 by default).
 
     Shape:
         - embeddings: ``[B, embedding_dim]`` (unnormalised: the norm is the magnitude), labels: ``[B]`` int64
