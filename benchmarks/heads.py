@@ -14,6 +14,9 @@ Measures, for ``B`` embeddings of dimension ``D`` and ``C`` classes:
     pytorch-metric-learning ``ArcFaceLoss`` (its weight is ``[D, C]``);
 ``marginloss_plain`` / ``marginloss_fused``
     :mod:`marginloss.functional` with ``chunk_size=None`` / ``"auto"`` (or ``--chunk-sizes``);
+``every-head`` scenario (``--scenarios every-head``, ``--heads``)
+    ``gemm`` and ``marginloss_fused`` for every registered head, built by
+    :func:`marginloss.create_head` at its defaults, each against its own floor;
 ``baseline_fused``
     ``marginloss_fused`` imported from another source tree (``--baseline-tree``, e.g. a
     ``git worktree`` of the previous release), so a redesign is measured before and after
@@ -110,8 +113,21 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             f"‖x‖ = {SPHERE_FEATURE_NORM:g} (large late-training feature norms)"
         ),
     },
+    "every-head": {
+        "head": "arcface",
+        "embeddings": "random",
+        # Each fused worker times its own paired floor (K times the GEMMs for sub-centres).
+        "methods": ("marginloss_fused",),
+        "about": (
+            "every head of marginloss.list_heads() (or --heads) at its defaults, built with "
+            "marginloss.create_head, x ~ N(0, I), W Xavier-uniform; the floor of a head with K "
+            "sub-centres is the GEMMs against its [C*K, D] weight"
+        ),
+    },
 }
 MAIN_SCENARIO = "arcface-random"
+# Scenarios that only run when asked for (--scenarios): one config per registered head.
+OPT_IN_SCENARIOS = ("every-head",)
 # Thread-pool settings that change CPU timings a lot on a shared machine; recorded with results.
 THREADING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 
@@ -196,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only re-render <stem>.md, <stem>.png (and the README table) from a results JSON")
+    parser.add_argument("--heads", default="all",
+                        help="registered heads for the every-head scenario, comma-separated (default all)")
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="also run the fused method from this source tree (before/after in one run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -220,7 +238,9 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     if args.time_budget_s is None:
         args.time_budget_s = 5.0 if quick else 90.0
     if args.scenarios is None:
-        args.scenarios = [MAIN_SCENARIO, "sphereface-trained"] if quick else list(SCENARIOS)
+        args.scenarios = [MAIN_SCENARIO, "sphereface-trained"] if quick else [
+            name for name in SCENARIOS if name not in OPT_IN_SCENARIOS
+        ]
     if args.devices == "auto":
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -237,6 +257,26 @@ def dtypes_for(device: str) -> list[str]:
     return ["fp32"] if device == "cpu" else ["fp32", "bf16"]
 
 
+def _every_head_names(heads: str) -> list[str]:
+    import marginloss
+
+    registered = marginloss.list_heads()
+    if heads == "all":
+        return registered
+    names = [name.strip() for name in heads.split(",") if name.strip()]
+    unknown = [name for name in names if name not in registered]
+    if unknown:
+        raise SystemExit(f"--heads must name registered heads {registered}, got {unknown}")
+    return names
+
+
+def _configs_of(add: Callable[..., None], *args: Any) -> list[dict[str, Any]]:
+    """The configs ``add`` would append, collected (so a caller can annotate them)."""
+    collected: list[dict[str, Any]] = []
+    add(*args, METHODS, into=collected)
+    return collected
+
+
 def build_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {
         "batch": args.batch, "dim": args.dim, "seed": args.seed, "repeats": args.repeats,
@@ -246,7 +286,8 @@ def build_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs: list[dict[str, Any]] = []
 
     def add(device: str, dtype: str, scenario: str, sizes: list[int], methods: Sequence[str],
-            chunk_sizes: Sequence[int | str] = ("auto",)) -> None:
+            chunk_sizes: Sequence[int | str] = ("auto",), into: list[dict[str, Any]] | None = None) -> None:
+        target = configs if into is None else into
         for num_classes in sizes:
             for method in methods:
                 if method not in args.methods or method not in SCENARIOS[scenario]["methods"]:
@@ -259,11 +300,17 @@ def build_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if method == "baseline_fused":
                         config["chunk_size"] = "auto"
                         config["baseline_tree"] = str(args.baseline_tree.resolve())
-                    configs.append(config)
+                    target.append(config)
 
     for device in args.devices:
         for dtype in dtypes_for(device):
             for scenario in args.scenarios:
+                if scenario == "every-head":
+                    for name in _every_head_names(args.heads):
+                        for config in _configs_of(add, device, dtype, scenario, args.trained_sizes):
+                            config["head_name"] = name
+                            configs.append(config)
+                    continue
                 sizes = args.sizes if scenario == MAIN_SCENARIO else args.trained_sizes
                 add(device, dtype, scenario, sizes, METHODS)
             if args.chunk_sizes and MAIN_SCENARIO in args.scenarios:
@@ -282,6 +329,15 @@ def build_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- worker (one config)
 
 
+def _subcenters(spec: dict[str, Any]) -> int:
+    """Weight rows per class of the config's head (built on the meta device: no memory)."""
+    if "head_name" not in spec:
+        return 1
+    import marginloss
+
+    return marginloss.create_head(spec["head_name"], spec["dim"], spec["num_classes"], device="meta").num_subcenters
+
+
 def _worker_inputs(spec: dict[str, Any]) -> dict[str, Any]:
     """Embeddings, class weights ``[C, D]``, labels and the softmax gradient for the floor."""
     import torch.nn.functional as F
@@ -289,8 +345,9 @@ def _worker_inputs(spec: dict[str, Any]) -> dict[str, Any]:
     scenario = SCENARIOS[spec["scenario"]]
     batch, dim, num_classes = spec["batch"], spec["dim"], spec["num_classes"]
     generator = torch.Generator().manual_seed(spec["seed"])
-    bound = math.sqrt(6.0 / (num_classes + dim))  # Xavier-uniform, as the heads initialise
-    weight = torch.empty(num_classes, dim).uniform_(-bound, bound, generator=generator)
+    rows = num_classes * _subcenters(spec)
+    bound = math.sqrt(6.0 / (rows + dim))  # Xavier-uniform, as the heads initialise
+    weight = torch.empty(rows, dim).uniform_(-bound, bound, generator=generator)
     labels = torch.randint(0, num_classes, (batch,), generator=generator)
     noise = torch.randn(batch, dim, generator=generator)
     if scenario["embeddings"] == "random":
@@ -385,6 +442,19 @@ def _make_step(
 
             def loss_fn() -> torch.Tensor:
                 return plain_arcface_loss(x, param, labels, SCALE, ARC_MARGIN)
+
+        elif "head_name" in spec:
+            import marginloss
+
+            module = marginloss.create_head(spec["head_name"], spec["dim"], spec["num_classes"],
+                                            chunk_size=spec["chunk_size"]).to(device)
+            with torch.no_grad():
+                module.weight.copy_(param)
+            param = module.weight
+            weight_cd = param.detach()
+
+            def loss_fn() -> torch.Tensor:
+                return module(x, labels)
 
         else:
             chunk = None if method == "marginloss_plain" else spec["chunk_size"]
@@ -521,13 +591,15 @@ def run_config(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 
 def config_key(config: dict[str, Any]) -> tuple[Any, ...]:
     return (config["device"], config["dtype"], config["scenario"], config["num_classes"],
-            config["method"], config["chunk_size"])
+            config["method"], config["chunk_size"], config.get("head_name"))
 
 
 def merge(entry: dict[str, Any] | None, config: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     if entry is None:
         entry = {key: config[key] for key in ("device", "dtype", "scenario", "num_classes", "method",
                                               "chunk_size", "batch", "dim")}
+        if "head_name" in config:
+            entry["head_name"] = config["head_name"]
         entry.update({"time_ms_samples": [], "cpu_time_ms_samples": [], "floor_ms_samples": [],
                       "floor_cpu_time_ms_samples": [], "peak_above_params_mib_runs": [], "load": [], "errors": []})
     if "error" in result:
@@ -561,6 +633,8 @@ def describe(entry: dict[str, Any]) -> str:
 
 
 def method_label(entry: dict[str, Any]) -> str:
+    if entry.get("head_name"):
+        return f"{entry['head_name']}: {LABELS[entry['method']]}"
     if entry["method"] == "marginloss_fused" and entry["chunk_size"] != "auto":
         return f"marginloss fused (chunk_size={entry['chunk_size']})"
     return LABELS[entry["method"]]
@@ -583,6 +657,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def add_ratios(entries: list[dict[str, Any]]) -> None:
     for entry in entries:
         same = {k: entry[k] for k in ("device", "dtype", "scenario", "num_classes")}
+        same["head_name"] = entry.get("head_name")
         floor = _find(entries, method="gemm", **same)
         pml = _find(entries, method="pml", **same)
         # Paired: the floor timed in the same worker, alternating with the method's steps.
@@ -658,7 +733,8 @@ def trained_table(entries: list[dict[str, Any]], device: str, dtype: str) -> lis
         return []
     lines = ["| scenario | C | method | fwd+bwd time, ms | × GEMM floor | peak above W, W.grad (MiB) |",
              "|---|---:|---|---:|---:|---:|"]
-    for entry in sorted(rows, key=lambda e: (e["scenario"], e["num_classes"], METHODS.index(e["method"]))):
+    for entry in sorted(rows, key=lambda e: (e["scenario"], e.get("head_name") or "", e["num_classes"],
+                                             METHODS.index(e["method"]))):
         lines.append(
             f"| {entry['scenario']} | {_pretty_c(entry['num_classes'])} | {method_label(entry)} | "
             f"{_time_cell(entry)} | {_fmt(entry.get('time_vs_floor'), 2)} | "

@@ -129,8 +129,10 @@ def test_metadata_is_complete(metadata: Message) -> None:
     assert metadata["Requires-Python"] == ">=3.9"
     requires = metadata.get_all("Requires-Dist") or []
     assert any(re.match(r"torch\s*>=", req) for req in requires), requires
-    assert not [req for req in requires if "extra ==" not in req and not req.startswith("torch")], (
-        f"runtime dependencies beyond torch: {requires}"
+    # numpy: torch itself warns "Failed to initialize NumPy" at import without it, which reads
+    # as if marginloss were broken.
+    assert not [req for req in requires if "extra ==" not in req and not req.startswith(("torch", "numpy"))], (
+        f"runtime dependencies beyond torch and numpy: {requires}"
     )
     extras = set(metadata.get_all("Provides-Extra") or [])
     assert {"docs", "examples", "dev"} <= extras
@@ -221,8 +223,8 @@ def test_the_declared_torch_floor_is_the_one_ci_tests() -> None:
     """pyproject's ``torch>=X`` is the torch of ``make test-oldest`` (run by .ci/run), and the
     install page says the same version."""
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    floor = re.search(r'dependencies = \["torch>=([\d.]+)"\]', pyproject)
-    assert floor is not None, "pyproject.toml: dependencies must be exactly torch>=X"
+    floor = re.search(r'dependencies = \["torch>=([\d.]+)", "numpy>=[\d.]+"\]', pyproject)
+    assert floor is not None, "pyproject.toml: dependencies must be exactly torch>=X and numpy>=Y"
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     oldest = re.search(r"^TORCH_OLDEST := torch==([\d.]+)$", makefile, flags=re.MULTILINE)
     assert oldest is not None, "Makefile: no TORCH_OLDEST := torch==X.Y.Z"
@@ -230,3 +232,20 @@ def test_the_declared_torch_floor_is_the_one_ci_tests() -> None:
     assert "make test-oldest" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     quickstart = (ROOT / "docs" / "guide" / "quickstart.rst").read_text(encoding="utf-8")
     assert f"``torch`` ({floor.group(1)} or newer" in quickstart
+
+
+def test_import_prints_nothing_and_dir_has_no_strays() -> None:
+    """A newcomer saw torch's "Failed to initialize NumPy" (numpy missing) and a stray
+    ``annotations`` in ``dir(marginloss)``: numpy is a dependency, and the package namespace
+    holds its public API (and private modules) only."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import marginloss"], capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr[-2000:]
+    import marginloss
+
+    strays = [n for n in dir(marginloss) if not n.startswith("_") and n not in marginloss.__all__]
+    assert strays == [], strays
