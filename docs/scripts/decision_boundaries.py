@@ -1,6 +1,6 @@
 """Draw the decision-boundary and target-logit figures of the documentation.
 
-Both figures are computed with :mod:`marginloss.functional` itself, so they show what the
+All three figures are computed with :mod:`marginloss.functional` itself, so they show what the
 heads compute, not a re-derivation:
 
 ``decision_boundaries.png``
@@ -16,6 +16,14 @@ heads compute, not a re-derivation:
     (left) and the margin it amounts to in angle, :math:`\\arccos f(\\cos\\theta) - \\theta`
     (right): constant for ArcFace, growing with :math:`\\theta` for SphereFace, shrinking for
     CosFace.
+``target_logits_adaptive.png``
+    The same two panels for the newer heads, each at its release defaults with its state
+    fixed: CurricularFace (whose target is ArcFace's), ElasticFace-Arc at its mean margin
+    with the band of :math:`m \\pm 2\\sigma`, AdaFace at the normalised norms
+    :math:`\\hat z = -1, 0, 1`, MagFace at the magnitudes :math:`a = 10, 60, 110`, UniFace and
+    SphereFace2-C; a third panel shows the non-target logits that CurricularFace (at
+    :math:`t = 0, 0.5, 1`) and SphereFace2 change.  AdaCos has no margin (its target is
+    :math:`\\cos\\theta`).
 
 The documentation build runs this script (``docs/_ext/marginloss_docs.py``); to draw the
 figures by hand::
@@ -47,6 +55,11 @@ COLOURS = {
     "cosface": "tab:blue",
     "arcface": "tab:red",
     "combined": "tab:purple",
+    "elasticface": "tab:orange",
+    "adaface": "tab:cyan",
+    "magface": "tab:brown",
+    "uniface": "tab:pink",
+    "sphereface2": "tab:olive",
 }
 CLASS_COLOURS = ListedColormap(["#9ecae1", "#d9d9d9", "#fdae6b"])  # class 2, margin, class 1
 PNG_METADATA = {"Software": None}  # byte-stable output across matplotlib versions
@@ -138,10 +151,13 @@ def draw_decision_boundaries(
     return figure
 
 
-def draw_target_logits(resolution: int = 721) -> Figure:
-    theta = torch.linspace(0.0, math.pi, resolution, dtype=torch.float64)
+Curve = tuple[str, str, str, torch.Tensor]  # (colour key, line style, label, f(cos θ) / scale)
+
+
+def target_curves(theta: torch.Tensor) -> list[Curve]:
+    """The curves of ``target_logits.png``: the 0.1 heads with the papers' margins."""
     cos = torch.cos(theta)
-    curves: list[tuple[str, str, str, torch.Tensor]] = [
+    return [
         ("softmax", "-", r"softmax / NormFace: $\cos\theta$", cos),
         ("sphereface", "-", r"SphereFace $m=4$, $\lambda=0$: $\psi(\theta)$", MF.sphereface_target(cos, 4)),
         (
@@ -159,8 +175,92 @@ def draw_target_logits(resolution: int = 721) -> Figure:
             MF.combined_margin_target(cos, 1.0, 0.3, 0.2),
         ),
     ]
-    figure = Figure(figsize=(11.0, 4.2), layout="constrained")
-    logit_axis, margin_axis = figure.subplots(1, 2)
+
+
+#: AdaFace's normalised norms and MagFace's magnitudes drawn in ``target_logits_adaptive.png``.
+ADAFACE_QUALITIES = (-1.0, 0.0, 1.0)
+MAGFACE_MAGNITUDES = (10.0, 60.0, 110.0)
+ELASTIC_SIGMA = 0.05
+_STYLES = ("-", "--", ":")
+
+
+def adaptive_target_curves(theta: torch.Tensor) -> list[Curve]:
+    r"""The curves of ``target_logits_adaptive.png``: the heads whose target is still a function
+    of the target cosine alone once their state is fixed, at their release defaults.
+
+    CurricularFace's target is ArcFace's (it changes the non-target logits instead);
+    ElasticFace-Arc is drawn at its mean margin; AdaFace at three normalised norms
+    :math:`\hat z`; MagFace at three magnitudes :math:`a` (its margin :math:`m(a)`); UniFace
+    and SphereFace2 are per-class sigmoid heads, whose target is compared with a learnt
+    threshold rather than with the other classes (drawn in cosine units, SphereFace2's
+    after its similarity adjustment :math:`g`).
+    """
+    cos = torch.cos(theta)
+    curves: list[Curve] = [
+        ("softmax", "-", r"softmax / NormFace / AdaCos: $\cos\theta$", cos),
+        (
+            "arcface",
+            "-",
+            r"ArcFace = CurricularFace $m=0.5$: $\cos(\theta + m)$",
+            MF.arcface_target(cos, 0.5),
+        ),
+        (
+            "elasticface",
+            "--",
+            rf"ElasticFace-Arc, mean $m=0.5$ ($\sigma={ELASTIC_SIGMA:g}$, band $\pm 2\sigma$)",
+            MF.elasticface_target(cos, 0.5),
+        ),
+    ]
+    for style, z in zip(_STYLES, ADAFACE_QUALITIES):
+        scaler = torch.full_like(cos, z)
+        curves.append(("adaface", style, rf"AdaFace $m=0.4$, $\hat z={z:+g}$", MF.adaface_target(cos, scaler, 0.4)))
+    for style, a in zip(_STYLES, MAGFACE_MAGNITUDES):
+        margin = MF.magface_margin(torch.full_like(cos, a))
+        curves.append(
+            ("magface", style, rf"MagFace $a={a:g}$: $m(a)={float(margin[0]):.3g}$", MF.magface_target(cos, margin))
+        )
+    curves += [
+        ("uniface", "-", r"UniFace $m=0.4$: $\cos\theta - m$ (= AdaFace $\hat z=0$)", MF.uniface_target(cos, 0.4)),
+        ("sphereface2", "-", r"SphereFace2-C $m=0.4, t=3$: $g(\cos\theta) - m$", MF.sphereface2_target(cos, 0.4)),
+    ]
+    return curves
+
+
+#: The target angle and the curriculum parameters of the non-target panel.
+CURRICULAR_THETA_Y = math.pi / 4
+CURRICULAR_T = (0.0, 0.5, 1.0)
+
+
+def non_target_curves(theta: torch.Tensor) -> list[Curve]:
+    r"""The right panel of ``target_logits_adaptive.png``: non-target logit / scale against the
+    angle :math:`\theta_j` to the other class.
+
+    CurricularFace at :math:`t = 0, 0.5, 1` for a sample at :math:`\theta_y = \pi/4` from its
+    own class (negatives above :math:`\cos(\theta_y + m)` become
+    :math:`\cos\theta_j(t + \cos\theta_j)`), and SphereFace2-C's :math:`g(\cos\theta) + m`.
+    """
+    cos = torch.cos(theta)
+    cos_target = torch.full_like(cos, math.cos(CURRICULAR_THETA_Y))
+    curves: list[Curve] = [("softmax", "-", r"every other head: $\cos\theta_j$", cos)]
+    for style, t in zip(_STYLES, CURRICULAR_T):
+        curves.append(
+            (
+                "arcface",
+                style,
+                rf"CurricularFace $t={t:g}$ ($\theta_y=\pi/4$, $m=0.5$)",
+                MF.curricularface_non_target(cos, cos_target, 0.5, t=t),
+            )
+        )
+    curves.append(
+        ("sphereface2", "-", r"SphereFace2-C: $g(\cos\theta_j) + m$", MF.sphereface2_non_target(cos, 0.4))
+    )
+    return curves
+
+
+def _logit_and_margin_panels(
+    logit_axis: object, margin_axis: object, theta: torch.Tensor, curves: list[Curve],
+    legend_size: float = 7.5, legend_loc: str | None = "lower left",
+) -> None:
     for key, style, label, target in curves:
         logit_axis.plot(theta.numpy(), target.numpy(), color=COLOURS[key], linestyle=style, label=label)
         inside = target >= -1.0
@@ -170,7 +270,8 @@ def draw_target_logits(resolution: int = 721) -> Figure:
     logit_axis.set_xlabel(r"angle $\theta$ between embedding and its class weight")
     logit_axis.set_ylabel(r"target logit / scale, $f(\cos\theta)$")
     logit_axis.set_title("Target logit", fontsize=10)
-    logit_axis.legend(fontsize=7.5, loc="lower left")
+    if legend_loc:
+        logit_axis.legend(fontsize=legend_size, loc=legend_loc)
     margin_axis.set_xlabel(r"angle $\theta$")
     margin_axis.set_ylabel(r"angular margin $\arccos f(\cos\theta) - \theta$")
     margin_axis.set_title(r"Margin in angle (where $f \geq -1$)", fontsize=10)
@@ -178,6 +279,55 @@ def draw_target_logits(resolution: int = 721) -> Figure:
     for axis in (logit_axis, margin_axis):
         _pi_ticks(axis, "x")
         axis.grid(alpha=0.3)
+
+
+def draw_target_logits(resolution: int = 721) -> Figure:
+    theta = torch.linspace(0.0, math.pi, resolution, dtype=torch.float64)
+    figure = Figure(figsize=(11.0, 4.2), layout="constrained")
+    logit_axis, margin_axis = figure.subplots(1, 2)
+    _logit_and_margin_panels(logit_axis, margin_axis, theta, target_curves(theta))
+    return figure
+
+
+def draw_adaptive_target_logits(resolution: int = 721) -> Figure:
+    """Target logits of the newer heads (left, middle) and the non-target logits that
+    CurricularFace and SphereFace2 change (right)."""
+    theta = torch.linspace(0.0, math.pi, resolution, dtype=torch.float64)
+    figure = Figure(figsize=(16.0, 5.6), layout="constrained")
+    logit_axis, margin_axis, other_axis = figure.subplots(1, 3)
+    # ElasticFace's band: the targets of margins m ± 2σ (left) and those margins (middle).
+    cos = torch.cos(theta)
+    spread = 2 * ELASTIC_SIGMA
+    logit_axis.fill_between(
+        theta.numpy(), MF.elasticface_target(cos, 0.5 + spread).numpy(),
+        MF.elasticface_target(cos, 0.5 - spread).numpy(),
+        color=COLOURS["elasticface"], alpha=0.2, linewidth=0,
+    )
+    inside = theta + 0.5 + spread <= math.pi
+    margin_axis.fill_between(
+        theta[inside].numpy(), 0.5 - spread, 0.5 + spread, color=COLOURS["elasticface"], alpha=0.2, linewidth=0,
+    )
+    _logit_and_margin_panels(
+        logit_axis, margin_axis, theta, adaptive_target_curves(theta),
+        legend_loc=None,
+    )
+    figure.legend(
+        *logit_axis.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=7.5,
+    )
+    for key, style, label, logit in non_target_curves(theta):
+        other_axis.plot(theta.numpy(), logit.numpy(), color=COLOURS[key], linestyle=style, label=label)
+    other_axis.axvline(CURRICULAR_THETA_Y + 0.5, color="grey", linewidth=0.8, linestyle=":")
+    other_axis.set_ylim(-2.0, 2.05)
+    other_axis.set_xlabel(r"angle $\theta_j$ to another class")
+    other_axis.set_ylabel(r"non-target logit / scale")
+    other_axis.set_title(r"Non-target logit (dotted: $\theta_y + m$)", fontsize=10)
+    other_axis.legend(fontsize=7.0, loc="lower left")
+    _pi_ticks(other_axis, "x")
+    other_axis.grid(alpha=0.3)
+    figure.suptitle(
+        "The newer heads at their release defaults (per-sample state fixed)",
+        fontsize=11,
+    )
     return figure
 
 
@@ -189,11 +339,14 @@ def save(figure: Figure, path: Path, dpi: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Draw decision_boundaries.png and target_logits.png for the documentation.",
+        description=(
+            "Draw decision_boundaries.png, target_logits.png and target_logits_adaptive.png "
+            "for the documentation."
+        ),
     )
     parser.add_argument(
         "--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-        help=f"folder to write the two PNG files to (default {DEFAULT_OUT_DIR})",
+        help=f"folder to write the three PNG files to (default {DEFAULT_OUT_DIR})",
     )
     parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG files (default 110)")
     parser.add_argument("--arcface-margin", type=float, default=0.5, help="ArcFace m in radians (default 0.5)")
@@ -209,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dpi,
     )
     save(draw_target_logits(), args.out_dir / "target_logits.png", args.dpi)
+    save(draw_adaptive_target_logits(), args.out_dir / "target_logits_adaptive.png", args.dpi)
     return 0
 
 
