@@ -31,7 +31,9 @@ DOCS = ROOT / "docs"
 # Every module whose public names must each have an entry in the API reference.
 DOCUMENTED_MODULES = ("functional", "metrics", "miners", "fused", "distributed", "sharding")
 EXECUTABLE_DIRECTIVES = ("doctest", "testcode", "testoutput", "testsetup", "testcleanup")
-FIGURES = ("decision_boundaries.png", "target_logits.png", "target_logits_adaptive.png")
+FIGURES = (
+    "decision_boundaries.png", "decision_boundaries_adaptive.png", "target_logits.png", "target_logits_adaptive.png",
+)
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -328,6 +330,29 @@ def test_figure_regions_match_the_heads_geometry() -> None:
     softmax = script.decision_regions(heads["softmax"], torch.tensor([0.5]), torch.tensor([0.4]))
     assert softmax.tolist() == [1]
     assert math.isclose(float(heads["cosface"](torch.tensor(0.5, dtype=torch.float64))), 0.15)
+
+
+def test_adaptive_figure_regions_match_the_papers_margins() -> None:
+    import torch
+
+    script = _load("decision_boundaries_adaptive_regions", DOCS / "scripts" / "decision_boundaries.py")
+    (_, _, ada_low), (_, _, ada_high), (_, _, mag_low), (_, _, mag_high) = script.adaptive_boundary_heads()
+    theta_1 = torch.full((3,), 1.0, dtype=torch.float64)
+
+    def regions(transform: object, margin: float) -> list[int]:
+        theta_2 = torch.tensor([1.0 + margin - 0.01, 1.0 + margin + 0.01, 1.0 - margin - 0.01], dtype=torch.float64)
+        return script.decision_regions(transform, torch.cos(theta_1), torch.cos(theta_2)).tolist()
+
+    # AdaFace at z = -1: ArcFace's angular margin m = 0.4; MagFace: ArcFace's m(a), 0.45 at a = 10 and
+    # 0.8 at a = 110 (the sample at theta = 1 < pi/2, where the easy margin still applies).
+    assert regions(ada_low, 0.4) == [0, 1, -1]
+    assert regions(mag_low, 0.45) == [0, 1, -1]
+    assert regions(mag_high, 0.8) == [0, 1, -1]
+    # AdaFace at z = +1: cos(theta - m) - 2m must beat the other cosine.
+    cos_1 = torch.tensor([0.9], dtype=torch.float64)
+    target = torch.cos(torch.arccos(cos_1) - 0.4) - 0.8
+    for delta, expected in ((-0.01, 1), (0.01, 0)):
+        assert script.decision_regions(ada_high, cos_1, target + delta).tolist() == [expected]
 
 
 def _readme_python() -> str:

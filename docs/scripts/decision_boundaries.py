@@ -1,6 +1,6 @@
 """Draw the decision-boundary and target-logit figures of the documentation.
 
-All three figures are computed with :mod:`marginloss.functional` itself, so they show what the
+All four figures are computed with :mod:`marginloss.functional` itself, so they show what the
 heads compute, not a re-derivation:
 
 ``decision_boundaries.png``
@@ -11,6 +11,10 @@ heads compute, not a re-derivation:
     margin: a training sample there still pays loss although it is classified correctly.
     Top row in angle space, bottom row in cosine space, for softmax (normalised, i.e.
     NormFace), SphereFace, CosFace and ArcFace with the papers' margins.
+``decision_boundaries_adaptive.png``
+    The same for AdaFace at the normalised norms :math:`\\hat z = -1, +1` and MagFace at the
+    magnitudes :math:`a = 10, 110` (the ends of its range), a pair of samples of the same
+    quality.
 ``target_logits.png``
     The target logit :math:`f(\\cos\\theta)` of each head against the angle to its class
     (left) and the margin it amounts to in angle, :math:`\\arccos f(\\cos\\theta) - \\theta`
@@ -79,6 +83,30 @@ def boundary_heads(arcface_margin: float, cosface_margin: float, sphereface_marg
     ]
 
 
+def adaptive_boundary_heads() -> list[tuple[str, str, Transform]]:
+    """``(key, title, f)`` of ``decision_boundaries_adaptive.png``: AdaFace at a low and a high
+    normalised norm and MagFace at both ends of its magnitude range, at the releases'
+    defaults (both samples of a pair sharing the quality)."""
+    heads: list[tuple[str, str, Transform]] = []
+    for z, quality in ((-1.0, "low"), (1.0, "high")):
+        heads.append(
+            (
+                "adaface",
+                rf"AdaFace $m=0.4$, $\hat z={z:+g}$ ({quality} quality)",
+                lambda cos, z=z: MF.adaface_target(cos, torch.full_like(cos, z), 0.4),
+            )
+        )
+    for a in (10.0, 110.0):
+        heads.append(
+            (
+                "magface",
+                rf"MagFace $a={a:g}$: $m(a)={float(MF.magface_margin(torch.tensor(a))):.2g}$",
+                lambda cos, a=a: MF.magface_target(cos, MF.magface_margin(torch.full_like(cos, a))),
+            )
+        )
+    return heads
+
+
 def decision_regions(transform: Transform, cos_1: torch.Tensor, cos_2: torch.Tensor) -> torch.Tensor:
     """+1 where class 1 wins with margin, -1 where class 2 does, 0 in the margin between."""
     class_1 = transform(cos_1) > cos_2
@@ -98,8 +126,11 @@ def draw_decision_boundaries(
     cosface_margin: float = 0.35,
     sphereface_margin: int = 4,
     resolution: int = 600,
+    heads: list[tuple[str, str, Transform]] | None = None,
+    suptitle: str = "Decision boundaries of two classes (grey: the margin a training sample must clear)",
 ) -> Figure:
-    heads = boundary_heads(arcface_margin, cosface_margin, sphereface_margin)
+    if heads is None:
+        heads = boundary_heads(arcface_margin, cosface_margin, sphereface_margin)
     figure = Figure(figsize=(3.1 * len(heads), 6.4), layout="constrained")
     axes = figure.subplots(2, len(heads))
     theta = torch.linspace(0.0, math.pi, resolution, dtype=torch.float64)
@@ -144,10 +175,7 @@ def draw_decision_boundaries(
         2.6, 0.3, "class 2", fontsize=9, ha="center", va="center",
         bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7},
     )
-    figure.suptitle(
-        "Decision boundaries of two classes (grey: the margin a training sample must clear)",
-        fontsize=11,
-    )
+    figure.suptitle(suptitle, fontsize=11)
     return figure
 
 
@@ -340,13 +368,13 @@ def save(figure: Figure, path: Path, dpi: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=(
-            "Draw decision_boundaries.png, target_logits.png and target_logits_adaptive.png "
-            "for the documentation."
+            "Draw decision_boundaries.png, decision_boundaries_adaptive.png, target_logits.png "
+            "and target_logits_adaptive.png for the documentation."
         ),
     )
     parser.add_argument(
         "--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-        help=f"folder to write the three PNG files to (default {DEFAULT_OUT_DIR})",
+        help=f"folder to write the four PNG files to (default {DEFAULT_OUT_DIR})",
     )
     parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG files (default 110)")
     parser.add_argument("--arcface-margin", type=float, default=0.5, help="ArcFace m in radians (default 0.5)")
@@ -359,6 +387,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.arcface_margin, args.cosface_margin, args.sphereface_margin, args.resolution
         ),
         args.out_dir / "decision_boundaries.png",
+        args.dpi,
+    )
+    save(
+        draw_decision_boundaries(
+            resolution=args.resolution,
+            heads=adaptive_boundary_heads(),
+            suptitle="Decision boundaries of the quality-aware heads (both samples of the same quality)",
+        ),
+        args.out_dir / "decision_boundaries_adaptive.png",
         args.dpi,
     )
     save(draw_target_logits(), args.out_dir / "target_logits.png", args.dpi)
