@@ -31,6 +31,9 @@ DOCS = ROOT / "docs"
 # Every module whose public names must each have an entry in the API reference.
 DOCUMENTED_MODULES = ("functional", "metrics", "miners", "fused", "distributed", "sharding")
 EXECUTABLE_DIRECTIVES = ("doctest", "testcode", "testoutput", "testsetup", "testcleanup")
+FIGURES = (
+    "decision_boundaries.png", "decision_boundaries_adaptive.png", "target_logits.png", "target_logits_adaptive.png",
+)
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -91,10 +94,11 @@ def test_html_build_has_no_warnings(tmp_path: Path) -> None:
     html = tmp_path / "html"
     for page in ("index", "guide/choosing", "guide/benchmarks", "api/heads", "changelog"):
         assert (html / f"{page}.html").is_file(), page
-    for figure in ("decision_boundaries.png", "target_logits.png"):
+    for figure in FIGURES:
         assert (html / "_images" / figure).is_file(), figure
     choosing = (html / "guide" / "choosing.html").read_text(encoding="utf-8")
-    assert "decision_boundaries.png" in choosing
+    for figure in FIGURES:
+        assert figure in choosing, figure
     assert marginloss.__version__ in (html / "index.html").read_text(encoding="utf-8")
 
     # Math renders offline: MathJax is a local file, never a CDN address.
@@ -256,11 +260,59 @@ def test_shape_sections_become_numpy_sections(docs_ext: ModuleType) -> None:
     assert docs_ext.shape_sections(["Shape: (B, D) tensor"]) == ["Shape: (B, D) tensor"]
 
 
-def test_figure_script_draws_both_figures(tmp_path: Path) -> None:
+def test_figure_script_draws_every_figure(tmp_path: Path, docs_ext: ModuleType) -> None:
+    assert docs_ext.FIGURES == FIGURES  # the build draws (and checks the age of) every figure
     script = _load("decision_boundaries_under_test", DOCS / "scripts" / "decision_boundaries.py")
     assert script.main(["--out-dir", str(tmp_path), "--resolution", "48", "--dpi", "30"]) == 0
-    for name in ("decision_boundaries.png", "target_logits.png"):
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(FIGURES)
+    for name in FIGURES:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
+
+
+def test_adaptive_figure_draws_the_papers_targets() -> None:
+    """The newer heads' curves, against their formulas written out here (not the code's)."""
+    import math
+
+    import torch
+
+    script = _load("decision_boundaries_adaptive", DOCS / "scripts" / "decision_boundaries.py")
+    theta = torch.tensor([0.2, 0.6, 1.0, 1.4, 1.8, 2.2], dtype=torch.float64)
+    cos = torch.cos(theta)
+    curves = script.adaptive_target_curves(theta)
+    by_key: dict[str, list[torch.Tensor]] = {}
+    for key, _, _, target in curves:
+        by_key.setdefault(key, []).append(target)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, atol=1e-9)
+
+    # ArcFace = CurricularFace's target, m = 0.5 (all angles below pi - m).
+    assert close(by_key["arcface"][0], torch.cos(theta + 0.5))
+    assert close(by_key["elasticface"][0], torch.cos(theta + 0.5))  # the mean margin
+    # AdaFace m = 0.4 at z = -1, 0, +1: cos(theta - m z) - (m z + m), the angle clipped at 1e-3.
+    assert script.ADAFACE_QUALITIES == (-1.0, 0.0, 1.0)
+    for z, target in zip(script.ADAFACE_QUALITIES, by_key["adaface"]):
+        angle = (theta - 0.4 * z).clamp(1e-3, math.pi - 1e-3)
+        assert close(target, torch.cos(angle) - (0.4 * z + 0.4)), z
+    # MagFace: m(a) linear from 0.45 at a = 10 to 0.8 at a = 110; the easy margin keeps cos <= 0.
+    assert script.MAGFACE_MAGNITUDES == (10.0, 60.0, 110.0)
+    for a, target in zip(script.MAGFACE_MAGNITUDES, by_key["magface"]):
+        m = 0.45 + (0.8 - 0.45) * (a - 10.0) / 100.0
+        assert close(target, torch.where(cos > 0, torch.cos(theta + m), cos)), a
+    assert close(by_key["uniface"][0], cos - 0.4)
+    # SphereFace2-C, t = 3: g(c) - m with g(c) = 2((c + 1)/2)^t - 1.
+    assert close(by_key["sphereface2"][0], 2 * ((cos + 1) / 2) ** 3 - 1 - 0.4)
+    assert close(by_key["softmax"][0], cos)
+
+    # Right panel: CurricularFace at t = 0, 0.5, 1 for theta_y = pi/4, m = 0.5.
+    others = [(key, target) for key, _, _, target in script.non_target_curves(theta)]
+    curricular = [target for key, target in others if key == "arcface"]
+    assert script.CURRICULAR_T == (0.0, 0.5, 1.0) and len(curricular) == 3
+    hard = theta < math.pi / 4 + 0.5
+    for t, target in zip(script.CURRICULAR_T, curricular):
+        assert close(target, torch.where(hard, cos * (t + cos), cos)), t
+    sphereface2 = [target for key, target in others if key == "sphereface2"]
+    assert close(sphereface2[0], 2 * ((cos + 1) / 2) ** 3 - 1 + 0.4)
 
 
 def test_figure_regions_match_the_heads_geometry() -> None:
@@ -278,6 +330,29 @@ def test_figure_regions_match_the_heads_geometry() -> None:
     softmax = script.decision_regions(heads["softmax"], torch.tensor([0.5]), torch.tensor([0.4]))
     assert softmax.tolist() == [1]
     assert math.isclose(float(heads["cosface"](torch.tensor(0.5, dtype=torch.float64))), 0.15)
+
+
+def test_adaptive_figure_regions_match_the_papers_margins() -> None:
+    import torch
+
+    script = _load("decision_boundaries_adaptive_regions", DOCS / "scripts" / "decision_boundaries.py")
+    (_, _, ada_low), (_, _, ada_high), (_, _, mag_low), (_, _, mag_high) = script.adaptive_boundary_heads()
+    theta_1 = torch.full((3,), 1.0, dtype=torch.float64)
+
+    def regions(transform: object, margin: float) -> list[int]:
+        theta_2 = torch.tensor([1.0 + margin - 0.01, 1.0 + margin + 0.01, 1.0 - margin - 0.01], dtype=torch.float64)
+        return script.decision_regions(transform, torch.cos(theta_1), torch.cos(theta_2)).tolist()
+
+    # AdaFace at z = -1: ArcFace's angular margin m = 0.4; MagFace: ArcFace's m(a), 0.45 at a = 10 and
+    # 0.8 at a = 110 (the sample at theta = 1 < pi/2, where the easy margin still applies).
+    assert regions(ada_low, 0.4) == [0, 1, -1]
+    assert regions(mag_low, 0.45) == [0, 1, -1]
+    assert regions(mag_high, 0.8) == [0, 1, -1]
+    # AdaFace at z = +1: cos(theta - m) - 2m must beat the other cosine.
+    cos_1 = torch.tensor([0.9], dtype=torch.float64)
+    target = torch.cos(torch.arccos(cos_1) - 0.4) - 0.8
+    for delta, expected in ((-0.01, 1), (0.01, 0)):
+        assert script.decision_regions(ada_high, cos_1, target + delta).tolist() == [expected]
 
 
 def _readme_python() -> str:

@@ -8,9 +8,11 @@ On ``builder-inited`` it writes into ``docs/_generated/`` (ignored by git):
   are checked in nitpicky mode, with no network at build time;
 * ``benchmarks/`` — the plots of ``benchmarks/results/`` (the page includes the Markdown
   tables themselves with myst-parser, so a file that does not parse fails the build);
-* ``decision_boundaries.png`` and ``target_logits.png`` — drawn by
-  ``docs/scripts/decision_boundaries.py`` from :mod:`marginloss.functional` itself, redrawn
-  only when the script or the functional module is newer than the figures.
+* ``decision_boundaries.png``, ``decision_boundaries_adaptive.png``, ``target_logits.png`` and
+  ``target_logits_adaptive.png`` —
+  drawn by ``docs/scripts/decision_boundaries.py`` from :mod:`marginloss.functional` itself,
+  redrawn only when the script, the functional module or a head's module (where the
+  functional forms live) is newer than the figures.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ ROOT = DOCS.parent
 GENERATED = DOCS / "_generated"
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURE_SCRIPT = DOCS / "scripts" / "decision_boundaries.py"
-FIGURES = ("decision_boundaries.png", "target_logits.png")
+FIGURES = (
+    "decision_boundaries.png", "decision_boundaries_adaptive.png", "target_logits.png", "target_logits_adaptive.png",
+)
 
 # ---------------------------------------------------------------- intersphinx inventories
 
@@ -188,7 +192,7 @@ def _newest_mtime(paths: Iterable[Path]) -> float:
 
 def write_figures() -> None:
     outputs = [GENERATED / name for name in FIGURES]
-    inputs = [FIGURE_SCRIPT, ROOT / "marginloss" / "functional.py"]
+    inputs = [FIGURE_SCRIPT, ROOT / "marginloss" / "functional.py", *(ROOT / "marginloss" / "heads").glob("*.py")]
     if all(path.exists() for path in outputs) and min(
         path.stat().st_mtime for path in outputs
     ) >= _newest_mtime(inputs):
