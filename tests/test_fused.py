@@ -425,3 +425,15 @@ def test_tensor_captured_by_target_fn_gets_its_gradient(chunk) -> None:
     (expected,) = torch.autograd.grad(reference, margin)
     assert float(grad) != 0.0
     assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_softplus_is_exact_beyond_torchs_threshold() -> None:
+    """torch's softplus returns z itself above 20 (an error of e^-20 ~ 2e-9 that float64 sees,
+    and a gradient of 1 instead of sigma(z)); the sigmoid-form heads use the exact one."""
+    z = torch.tensor([-40.0, -5.0, 0.0, 19.0, 21.0, 25.0, 30.0, 40.0], dtype=torch.float64, requires_grad=True)
+    values = fused.softplus(z)
+    (grad,) = torch.autograd.grad(values.sum(), z)
+    exact = [math.log1p(math.exp(v)) if v < 30 else v + math.log1p(math.exp(-v)) for v in z.tolist()]
+    assert_close(values, torch.tensor(exact, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert_close(grad, torch.sigmoid(z.detach()), rtol=1e-15, atol=0)
+    assert float((torch.nn.functional.softplus(z[4:5]) - values[4:5]).abs()) > 1e-10  # what it fixes

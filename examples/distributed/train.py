@@ -153,6 +153,9 @@ def train(args: argparse.Namespace) -> None:
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     if rank == 0:
         print(f"checkpoint round trip: {'ok' if int(same) else 'MISMATCH'} ({out / 'weight.pt'})")
+    # Every rank done communicating before the group goes away: tearing gloo down while a
+    # peer still has traffic in flight has aborted a finished rank on a loaded machine.
+    dist.barrier()
     dist.destroy_process_group()
 
 

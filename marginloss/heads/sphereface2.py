@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from marginloss import _validation as V
-from marginloss.fused import ChunkSize, MarginContext, margin_loss
+from marginloss.fused import ChunkSize, MarginContext, margin_loss, softplus
 from marginloss.heads._common import (
     check_angular_margin,
     check_cosine_margin,
@@ -236,7 +236,7 @@ def sphereface2(
         return torch.ones_like(cos) if straight_through else _adjust_slope(cos, t)
 
     def row_loss(target_logit: Tensor, rest: Tensor, rest_sum: Tensor, context: MarginContext) -> Tensor:
-        return (loss_weight / scale) * (lambd * torch.nn.functional.softplus(-target_logit) + (1.0 - lambd) * rest)
+        return (loss_weight / scale) * (lambd * softplus(-target_logit) + (1.0 - lambd) * rest)
 
     return margin_loss(
         embeddings, weight, labels, target, non_target=non_target, non_target_grad=non_target_grad,
@@ -405,5 +405,5 @@ class SphereFace2(MarginHead):
 
     def row_loss(self, target_logit: Tensor, rest: Tensor, rest_sum: Tensor, context: MarginContext) -> Tensor:
         weight = self.loss_weight / float(self.scale)
-        positive = torch.nn.functional.softplus(-target_logit)
+        positive = softplus(-target_logit)
         return weight * (self.lambd * positive + (1.0 - self.lambd) * rest)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from marginloss import _validation as V
-from marginloss.fused import ChunkSize, MarginContext, margin_loss
+from marginloss.fused import ChunkSize, MarginContext, margin_loss, softplus
 from marginloss.heads._common import (
     check_cosine_margin,
     check_cosine_values,
@@ -91,7 +91,7 @@ def uniface_logits(
 
 def _uniface_row_loss(negative_weight: float) -> Any:
     def row_loss(target_logit: Tensor, rest: Tensor, rest_sum: Tensor, context: MarginContext) -> Tensor:
-        return torch.nn.functional.softplus(-target_logit) + negative_weight * rest
+        return softplus(-target_logit) + negative_weight * rest
 
     return row_loss
 
@@ -266,4 +266,4 @@ class UniFace(MarginHead):
         return uniface_target(cos, self.margin)
 
     def row_loss(self, target_logit: Tensor, rest: Tensor, rest_sum: Tensor, context: MarginContext) -> Tensor:
-        return torch.nn.functional.softplus(-target_logit) + self.negative_weight * rest
+        return softplus(-target_logit) + self.negative_weight * rest
