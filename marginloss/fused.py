@@ -442,7 +442,7 @@ def softmax_row_loss(
 
 def softplus(z: Tensor) -> Tensor:
     """:math:`\\log(1 + e^z)` to full precision for every ``z`` (its gradient is exactly
-    :math:`\\sigma(z)`).  :func:`torch.nn.functional.softplus` returns ``z`` itself above its
+    :math:`\\sigma(z)`).  ``torch.nn.functional.softplus`` returns ``z`` itself above its
     threshold of 20, an error of :math:`e^{-20} \\approx 2\\cdot10^{-9}` that float64 sees."""
     return torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device))
 
