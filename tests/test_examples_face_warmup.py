@@ -13,6 +13,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
+pytest.importorskip("torchvision", reason="the face example needs torchvision (the examples extras)")
+
 from face import make_toy_faces, train  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("examples_face")
