@@ -78,6 +78,7 @@ __all__ = [
     "replaying_forward",
     "rest_backward",
     "rest_logsumexp",
+    "safe_reciprocal",
     "scaled_embeddings_backward",
     "set_backward_cache_bytes",
     "sigmoid_row_loss",
@@ -91,7 +92,6 @@ TargetFn = Callable[[Tensor], Tensor]
 ChunkSize = Union[int, str, None]
 Scale = Union[float, Tensor]
 
-_NORM_EPS = 1e-12
 _REDUCTIONS = ("mean", "sum", "none")
 _FORMS = ("softmax", "sigmoid")
 # CPU: one [B, chunk] float32 block of this many elements (4 MiB) stays cache-friendly while
@@ -341,7 +341,7 @@ class _Config:
 # ---------------------------------------------------------------- O(B) math
 
 
-def _safe_reciprocal(norm: Tensor) -> Tensor:
+def safe_reciprocal(norm: Tensor) -> Tensor:
     """``1/norm``, and 0 where the norm is 0 (a zero vector then has cosine 0 with everything
     and gets a zero gradient instead of a 1/eps one); differentiable without NaN."""
     # 1/inf = 0, and the gradient of the inf branch never reaches the norm.
@@ -374,16 +374,16 @@ def _target_cosine(
     cls = labels.clamp(0, max(classes - 1, 0))
     xw = x.to(wide)
     x_norm = _row_norms(xw, wide)
-    x_inv = _safe_reciprocal(x_norm)
+    x_inv = safe_reciprocal(x_norm)
     if num_subcenters == 1:
         rows = weight[cls].to(wide)
         w_norm = _row_norms(rows, wide)
-        cos = (xw * rows).sum(dim=1) * x_inv * _safe_reciprocal(w_norm)
+        cos = (xw * rows).sum(dim=1) * x_inv * safe_reciprocal(w_norm)
         index = cls
     else:
         rows = weight.unflatten(0, (classes, num_subcenters))[cls].to(wide)
         w_norms = _row_norms(rows, wide)
-        cos_k = (rows @ xw[:, :, None]).squeeze(2) * (x_inv[:, None] * _safe_reciprocal(w_norms))
+        cos_k = (rows @ xw[:, :, None]).squeeze(2) * (x_inv[:, None] * safe_reciprocal(w_norms))
         cos, k = cos_k.max(dim=1)
         w_norm = w_norms.gather(1, k[:, None]).squeeze(1)
         index = cls * num_subcenters + k
@@ -408,8 +408,8 @@ def _target_cosine_backward(
     """
     wide = grad_cos.dtype
     x, rows = x.to(wide), rows.to(wide)
-    x_inv = _safe_reciprocal(_row_norms(x, wide))
-    w_inv = _safe_reciprocal(_row_norms(rows, wide))
+    x_inv = safe_reciprocal(_row_norms(x, wide))
+    w_inv = safe_reciprocal(_row_norms(rows, wide))
     x_hat, w_hat = x * x_inv[:, None], rows * w_inv[:, None]
     grad_x = (grad_cos * x_inv)[:, None] * (w_hat - cos[:, None] * x_hat) + grad_x_norm[:, None] * x_hat
     grad_w = (grad_cos * w_inv)[:, None] * (x_hat - cos[:, None] * w_hat) + grad_w_norm[:, None] * w_hat
@@ -467,14 +467,6 @@ def reduce_rows(row_loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return total / valid.sum().clamp_min(1).to(row_loss.dtype)
 
 
-def _row_loss(
-    lse_rest: Tensor, sum_rest: Tensor | None, target_logit: Tensor, num_classes: int, label_smoothing: float
-) -> Tensor:
-    """:func:`softmax_row_loss` with an optional ``sum_rest`` (the 0.1 signature)."""
-    rest_sum = sum_rest if sum_rest is not None else torch.zeros_like(lse_rest)
-    return softmax_row_loss(target_logit, lse_rest, rest_sum, num_classes, label_smoothing)
-
-
 # ---------------------------------------------------------------- embeddings and weight norms
 
 
@@ -483,7 +475,7 @@ def _scaled_embeddings(x: Tensor, cfg: _Config) -> tuple[Tensor, Tensor | None]:
     if not cfg.normalize_embeddings:
         return x * cfg.scale, None
     wide = _wide_dtype(x.device)
-    inv_norm = _safe_reciprocal(_row_norms(x, wide))
+    inv_norm = safe_reciprocal(_row_norms(x, wide))
     xs = (x.to(wide) * (inv_norm * cfg.scale)[:, None]).to(x.dtype)
     return xs, inv_norm.to(x.dtype)
 
@@ -492,7 +484,7 @@ def _weight_inv_norms(weight: Tensor, normalize_weight: bool, compute: torch.dty
     """``1/‖w_j‖`` for every row (an O(C) vector), or None without weight normalisation."""
     if not normalize_weight:
         return None
-    return _safe_reciprocal(_row_norms(weight.detach(), compute))
+    return safe_reciprocal(_row_norms(weight.detach(), compute))
 
 
 def _kept_blocks(cfg: _Config, batch: int, num_rows: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -1010,9 +1002,9 @@ def _plain_rest(
     xc = x.to(compute)
     w = weight.to(compute)
     if cfg.normalize_embeddings:
-        xc = (xc.to(wide) * _safe_reciprocal(_row_norms(xc, wide))[:, None]).to(compute)
+        xc = (xc.to(wide) * safe_reciprocal(_row_norms(xc, wide))[:, None]).to(compute)
     if cfg.normalize_weight:
-        w = w * _safe_reciprocal(_row_norms(w, compute))[:, None]
+        w = w * safe_reciprocal(_row_norms(w, compute))[:, None]
     xc = xc * scale  # on the [B, D] side: one [B, C] tensor fewer
     with _autocast_off(x.device):
         z = (xc.to(gemm) @ w.to(gemm).T).to(compute)
@@ -1671,7 +1663,7 @@ def margin_loss(
                 run_prepare(cos, x_norm, w_norm)
             stat, rest_sum = _plain_rest(x_global, used, local, owned, scale_value, bias_value, cfg, gemm)
     else:
-        inv_norms = None if used_norms is None or not normalize_weight else _safe_reciprocal(used_norms)
+        inv_norms = None if used_norms is None or not normalize_weight else safe_reciprocal(used_norms)
         stat, rest_sum, cos, x_norm, w_norm = _MarginEngine.apply(
             x_global, used, local, owned, scale_tensor, bias_value, inv_norms, cfg, group
         )

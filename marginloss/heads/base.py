@@ -348,8 +348,8 @@ class MarginHead(nn.Module):
         compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         x = embeddings.to(compute)
         w = self.weight.to(compute)
-        x = x * fused._safe_reciprocal(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)).to(compute)[:, None]
-        w = w * fused._safe_reciprocal(torch.linalg.vector_norm(w, dim=1)).to(compute)[:, None]
+        x = x * fused.safe_reciprocal(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)).to(compute)[:, None]
+        w = w * fused.safe_reciprocal(torch.linalg.vector_norm(w, dim=1)).to(compute)[:, None]
         cosine: Tensor = x @ w.T
         if self.num_subcenters > 1:
             cosine = cosine.unflatten(1, (-1, self.num_subcenters)).amax(dim=2)

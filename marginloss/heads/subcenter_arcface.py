@@ -274,8 +274,8 @@ class SubCenterArcFace(MarginHead):
         compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         x = embeddings.detach().to(device=self.weight.device, dtype=compute)
         rows = self.weight.detach().to(compute).unflatten(0, (self.shard_size, self.num_subcenters))[local]
-        x = x * fused._safe_reciprocal(torch.linalg.vector_norm(x, dim=1)).to(compute)[:, None]
-        rows = rows * fused._safe_reciprocal(torch.linalg.vector_norm(rows, dim=2)).to(compute)[:, :, None]
+        x = x * fused.safe_reciprocal(torch.linalg.vector_norm(x, dim=1)).to(compute)[:, None]
+        rows = rows * fused.safe_reciprocal(torch.linalg.vector_norm(rows, dim=2)).to(compute)[:, :, None]
         cosines: Tensor = (rows @ x[:, :, None]).squeeze(2)
         return cosines
 
