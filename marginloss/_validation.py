@@ -121,6 +121,24 @@ def check_inputs_values(
     checked = values_checked(embeddings, weight_norms, labels)
     if not checked and not labels_checked(labels):
         return
+    # The usual case in one synchronisation and a handful of operations: the label range and
+    # two sums that are finite when every entry is (an overflowing sum of finite values only
+    # sends the call to the exact count below).
+    quick = list(torch.aminmax(labels.masked_fill(labels == ignore_index, 0))) if labels.numel() else []
+    if checked:
+        quick.append(embeddings.sum())
+        if weight_norms is not None:
+            quick.append(weight_norms.sum())
+    if quick:
+        if labels.device.type == "cpu" and (embeddings.device.type == "cpu" or not checked):
+            values = [value.item() for value in quick]  # no synchronisation: cheaper one by one
+        else:
+            values = torch.stack([value.to(torch.float64) for value in quick]).tolist()
+        labels_fine = not labels.numel() or (values[0] >= 0 and values[1] < num_classes)
+        if labels_fine and all(math.isfinite(value) for value in values[2:]):
+            return
+    elif not checked:
+        return
     bad_labels = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     counts = [bad_labels.sum()]
     if checked:

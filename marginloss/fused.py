@@ -104,6 +104,9 @@ _MIN_AUTO_CHUNK = 256
 # "auto" takes the plain path up to this many [B, C] logits (1 MiB of float32 on CPU): there
 # the per-chunk bookkeeping costs more than the one [B, C] block it saves.
 _PLAIN_ELEMENTS = 1 << 18
+# Below this many multiply-adds in x·Wᵀ (B·C·K·D) the plain path runs entirely in float64
+# from one GEMM (its cost is then the number of operations, not their width).
+_WIDE_MACS = 1 << 21
 _DEFAULT_CACHE_BYTES = 64 << 20
 _cache_bytes = _DEFAULT_CACHE_BYTES
 
@@ -190,7 +193,7 @@ def backward_cache_bytes() -> int:
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Autocast disabled for ``device`` (nothing to disable on ``meta``)."""
-    if device.type == "meta":
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
@@ -432,8 +435,7 @@ def softmax_row_loss(
     full precision when :math:`p_{y}\to 1` (its target gradient is
     :math:`-\sigma(r_i - t_i)`, never ``p - 1`` rounded).
     """
-    diff = rest - target_logit
-    loss = torch.logaddexp(diff, torch.zeros_like(diff))
+    loss = softplus(rest - target_logit)
     if label_smoothing > 0.0:
         loss = loss + label_smoothing * target_logit
         loss = loss - (label_smoothing / num_classes) * (rest_sum + target_logit)
@@ -442,9 +444,11 @@ def softmax_row_loss(
 
 def softplus(z: Tensor) -> Tensor:
     """:math:`\\log(1 + e^z)` to full precision for every ``z`` (its gradient is exactly
-    :math:`\\sigma(z)`).  ``torch.nn.functional.softplus`` returns ``z`` itself above its
-    threshold of 20, an error of :math:`e^{-20} \\approx 2\\cdot10^{-9}` that float64 sees."""
-    return torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device))
+    :math:`\\sigma(z)`).  ``torch.nn.functional.softplus`` at its default threshold of 20
+    returns ``z`` itself above it, an error of :math:`e^{-20} \\approx 2\\cdot10^{-9}` that
+    float64 sees; here the threshold is 40, above which :math:`\\log(1 + e^z) - z < e^{-40}`
+    is below float64's rounding of ``z``, and below which torch computes ``log1p(exp(z))``."""
+    return torch.nn.functional.softplus(z, beta=1.0, threshold=40.0)
 
 
 def sigmoid_row_loss(target_logit: Tensor, rest: Tensor) -> Tensor:
@@ -1031,6 +1035,232 @@ def _plain_rest(
     return stat.to(wide), rest_sum.to(wide)
 
 
+def _wide_parts(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    owned: Tensor,
+    scale: Scale,
+    bias: Tensor | None,
+    cfg: _Config,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every per-row part of a small problem from one float64 GEMM, in plain autograd.
+
+    Returns ``(stat, rest_sum, cos, ‖x‖, ‖w_y‖)`` like the chunked engine.  The target cosine
+    is read off the same ``x·Wᵀ`` product as the rest, which in float64 is as exact as the
+    engine's gathered-rows target path; a small problem then costs about as many operations
+    as the plain PyTorch formula.  Twice differentiable.
+    """
+    wide = _wide_dtype(x.device)
+    k = cfg.num_subcenters
+    xw, ww = x.to(wide), weight.to(wide)
+    x_norm, w_norms = _row_norms(xw, wide), _row_norms(ww, wide)
+    x_inv, w_inv = safe_reciprocal(x_norm), safe_reciprocal(w_norms)
+    dots = xw @ ww.T
+    cls = labels.clamp_min(0)
+    if k == 1:
+        index = cls
+        cos = dots.gather(1, cls[:, None]).squeeze(1) * (x_inv * w_inv[cls])
+    else:
+        rows = cls[:, None] * k + torch.arange(k, device=cls.device)
+        cos_k = dots.gather(1, rows) * (x_inv[:, None] * w_inv[rows])
+        cos, winner = cos_k.max(dim=1)
+        index = cls * k + winner
+    zero = torch.zeros((), dtype=wide, device=x.device)
+    cos = torch.where(owned, _clamp_unit(cos), zero)
+    w_norm = torch.where(owned, w_norms[index], zero)
+    if cfg.prepare is not None:
+        cfg.prepare(cos, x_norm, w_norm)
+    row_factor = x_inv * scale if cfg.normalize_embeddings else None
+    if row_factor is not None:
+        z = dots * row_factor[:, None]
+    else:
+        z = dots * scale
+    if cfg.normalize_weight:
+        z = z * w_inv
+    if k > 1:
+        z = z.unflatten(1, (-1, k)).amax(dim=2)
+    if cfg.non_target is not None:
+        z = scale * cfg.non_target(z / scale)
+    if bias is not None:
+        z = z + bias.to(wide)
+    column = torch.where(owned, labels, torch.zeros_like(labels))[:, None]
+    at_target = z.gather(1, column).squeeze(1)
+    if cfg.label_smoothing > 0.0:
+        rest_sum = z.sum(dim=1) - torch.where(owned, at_target, 0.0)
+    else:
+        rest_sum = torch.zeros_like(at_target)
+    if cfg.form == "softmax":
+        excluded = torch.where(owned, -math.inf, at_target)
+        stat = z.scatter(1, column, excluded[:, None]).logsumexp(dim=1)
+    else:
+        terms = softplus(z)
+        stat = terms.sum(dim=1) - torch.where(owned, terms.gather(1, column).squeeze(1), 0.0)
+    return stat, rest_sum, cos, x_norm, w_norm
+
+
+class _DenseEngine(torch.autograd.Function):
+    r"""The plain margin softmax of a small problem in float64, one GEMM, closed-form backward.
+
+    Outputs what :class:`_MarginEngine` does (row statistic, non-target sum, target cosine,
+    ``‖x‖``, ``‖w_y‖``) from the dots :math:`d = x W^\top` and the row norms, with
+    :math:`z_{ij} = a_i\,d_{ij}\,v_j` (:math:`a_i = s/\lVert x_i\rVert` or :math:`s`,
+    :math:`v_j = 1/\lVert w_j\rVert` or 1) and :math:`\cos\theta_{iy_i} =
+    d_{iy_i}/(\lVert x_i\rVert\lVert w_{y_i}\rVert)`.  Backward forms
+    :math:`\partial L/\partial d` in one ``[B, C]`` block (the target cosine's gradient
+    is one more entry per row), so two GEMMs and O(B + C) norm terms give both gradients.
+    A zero embedding or weight row has cosine 0 and a zero gradient.  ``owned`` None means
+    every row is valid (fewer operations).  Only for ``cfg.simple`` configurations; double
+    backward recomputes with :func:`_wide_parts`.  Its cost is the number of operations
+    (a few dozen each way), which is why small problems take this path.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        owned: Tensor | None,
+        scale: Tensor | None,
+        cfg: _Config,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        wide = _wide_dtype(embeddings.device)
+        xw, ww = embeddings.to(wide), weight.to(wide)
+        x_norm, w_norms = _row_norms(xw, wide), _row_norms(ww, wide)
+        x_inv, w_inv = _reciprocal_or_zero(x_norm), _reciprocal_or_zero(w_norms)
+        cls = labels.clamp_min(0)
+        column = cls[:, None]
+        dots = torch.mm(xw, ww.T)
+        cos = (dots.gather(1, column).squeeze(1) * (x_inv * w_inv[cls])).clamp_(-1.0, 1.0)
+        w_norm = w_norms[cls]
+        if owned is not None:
+            cos = torch.where(owned, cos, 0.0)
+            w_norm = torch.where(owned, w_norm, 0.0)
+        s = cfg.scale if scale is None else scale.to(wide)
+        z = dots.mul_((x_inv * s)[:, None] if cfg.normalize_embeddings else s)
+        if cfg.normalize_weight:
+            z.mul_(w_inv)
+        if owned is None:
+            masked = z.scatter(1, column, -math.inf)
+        else:
+            masked = z.scatter(1, column, torch.where(owned[:, None], -math.inf, z.gather(1, column)))
+        if cfg.label_smoothing > 0.0:
+            rest_sum = masked.nan_to_num(neginf=0.0).sum(dim=1)
+        else:
+            rest_sum = torch.zeros_like(x_norm)
+        stat = masked.logsumexp(dim=1)
+        ctx.save_for_backward(embeddings, weight, labels, owned, scale, xw, ww, x_inv, w_inv, z, masked, stat, cos)
+        ctx.cfg = cfg  # type: ignore[attr-defined]
+        return stat, rest_sum, cos, x_norm, w_norm
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_stat: Tensor | None,
+        grad_sum: Tensor | None,
+        grad_cos: Tensor | None,
+        grad_x_norm: Tensor | None,
+        grad_w_norm: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        embeddings, weight, labels, owned, scale, xw, ww, x_inv, w_inv, z, masked, stat, cos = saved
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            return _dense_double_backward(
+                needs, (grad_stat, grad_sum, grad_cos, grad_x_norm, grad_w_norm), saved, cfg
+            )
+        wide = xw.dtype
+        cls = labels.clamp_min(0)
+        column = cls[:, None]
+        # dL/dz: the softmax of the rest (target column 0; a row with no other class, stat
+        # -inf, has none), plus the smoothing sum's 1s.
+        if grad_stat is not None:
+            shift = stat.clamp_min(torch.finfo(wide).min)[:, None]
+            grad_z = masked.sub(shift).exp_().mul_(grad_stat.to(wide)[:, None])
+        else:
+            grad_z = torch.zeros_like(z)
+        if grad_sum is not None and cfg.label_smoothing > 0.0:
+            grad_z.add_(grad_sum.to(wide)[:, None]).scatter_(1, column, 0.0)
+        s = cfg.scale if scale is None else scale.to(wide)
+        # dL/d(dots): the logits' factors, and the target cosine's entry in its column.
+        grad_dots = grad_z * ((x_inv * s)[:, None] if cfg.normalize_embeddings else s)
+        if cfg.normalize_weight:
+            grad_dots.mul_(w_inv)
+        target_term = None
+        if grad_cos is not None:
+            g = grad_cos.to(wide) if owned is None else torch.where(owned, grad_cos.to(wide), 0.0)
+            grad_dots.scatter_add_(1, column, (g * x_inv * w_inv[cls])[:, None])
+            target_term = g * cos
+        grad_x = torch.mm(grad_dots, ww) if needs[0] else None
+        grad_w = torch.mm(grad_dots.T, xw) if needs[1] else None
+        # Norm terms: dL/d‖x‖ = -(Σ_j g_ij z_ij [normalised] + g_cos cos)/‖x‖ + g_‖x‖, alike for w.
+        product = grad_z.mul_(z) if cfg.normalize_embeddings or cfg.normalize_weight else None
+        if grad_x is not None:
+            radial = product.sum(dim=1) if product is not None and cfg.normalize_embeddings else None
+            if target_term is not None:
+                radial = target_term if radial is None else radial.add_(target_term)
+            grad_norm = None if radial is None else (radial * x_inv).neg_()
+            if grad_x_norm is not None:
+                grad_norm = grad_x_norm.to(wide) if grad_norm is None else grad_norm.add_(grad_x_norm.to(wide))
+            if grad_norm is not None:
+                grad_x.addcmul_(xw, grad_norm.mul_(x_inv)[:, None])
+        if grad_w is not None:
+            radial_w = product.sum(dim=0) if product is not None and cfg.normalize_weight else torch.zeros_like(w_inv)
+            if target_term is not None:
+                radial_w.index_add_(0, cls, target_term)
+            grad_norm_w = radial_w.mul_(w_inv).neg_()
+            if grad_w_norm is not None:
+                g_norm = grad_w_norm.to(wide) if owned is None else torch.where(owned, grad_w_norm.to(wide), 0.0)
+                grad_norm_w.index_add_(0, cls, g_norm)
+            grad_w.addcmul_(ww, grad_norm_w.mul_(w_inv)[:, None])
+        return (
+            None if grad_x is None else grad_x.to(embeddings.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _reciprocal_or_zero(norm: Tensor) -> Tensor:
+    """``1/norm`` with 0 for a zero norm, outside autograd (NaN stays NaN)."""
+    return norm.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0)
+
+
+def _dense_double_backward(
+    needs: tuple[bool, ...],
+    grads: tuple[Tensor | None, ...],
+    saved: tuple[Tensor, ...],
+    cfg: _Config,
+) -> tuple[Tensor | None, ...]:
+    """A ``create_graph=True`` backward of :class:`_DenseEngine`: recompute with plain
+    autograd (:func:`_wide_parts`) so that second derivatives are exact."""
+    embeddings, weight, labels, owned, scale = saved[:5]
+    if owned is None:
+        owned = torch.ones_like(labels, dtype=torch.bool)
+    used_scale: Scale = scale if scale is not None else cfg.scale
+    outputs = _wide_parts(embeddings, weight, labels, owned, used_scale, None, cfg)
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
+    candidates = [(i, t) for i, t in ((0, embeddings), (1, weight)) if needs[i]]
+    result: list[Tensor | None] = [None] * 6
+    if not pairs or not candidates:
+        return tuple(result)
+    got = torch.autograd.grad(
+        [out for out, _ in pairs],
+        [t for _, t in candidates],
+        [grad.to(out.dtype) for out, grad in pairs],
+        create_graph=True,
+        allow_unused=True,
+    )
+    for (position, tensor), grad in zip(candidates, got):
+        result[position] = torch.zeros_like(tensor) if grad is None else grad
+    return tuple(result)
+
+
 # ---------------------------------------------------------------- the chunked Function
 
 
@@ -1571,12 +1801,17 @@ def margin_loss(
         x_global = sharding.gather_embeddings(embeddings, group, batch_sizes, rank)
         labels_global = sharding.all_gather_rows(checked.labels, group, batch_sizes)
 
-    in_range = (labels_global >= 0) & (labels_global < total_classes)
-    ignored = labels_global == ignore_index
-    valid = in_range & ~ignored
-    # With value checks off (and labels off the CPU), a label outside [0, C) that is not
-    # ignore_index makes its row NaN: never another class's loss.
-    bad = None if V.labels_checked(labels_global) else ~in_range & ~ignored
+    bad = None
+    if V.labels_checked(labels_global):
+        # Every label is in [0, C) or ignore_index (checked above).
+        valid = labels_global != ignore_index
+    else:
+        in_range = (labels_global >= 0) & (labels_global < total_classes)
+        ignored = labels_global == ignore_index
+        valid = in_range & ~ignored
+        # With value checks off (and labels off the CPU), a label outside [0, C) that is
+        # not ignore_index makes its row NaN: never another class's loss.
+        bad = ~in_range & ~ignored
     safe = torch.where(valid, labels_global, 0)
     if group is None:
         owned = valid
@@ -1613,13 +1848,18 @@ def margin_loss(
 
     def run_prepare(cos: Tensor, x_norm: Tensor, w_norm: Tensor) -> None:
         nonlocal frozen
-        # Clones: inside the engine's Function these are outputs it also saves for backward.
-        context.cos_target = cos.detach().clone()
-        context.embedding_norms, context.weight_norms = x_norm.detach().clone(), w_norm.detach().clone()
         if prepare is not None:
+            # Clones: inside the engine's Function these are outputs it also saves for
+            # backward, and prepare may work in place.
+            context.cos_target = cos.detach().clone()
+            context.embedding_norms, context.weight_norms = x_norm.detach().clone(), w_norm.detach().clone()
             with torch.no_grad():
                 prepare(context)
-        frozen = dataclasses.replace(context)
+        else:
+            context.cos_target = cos.detach()
+            context.embedding_norms, context.weight_norms = x_norm.detach(), w_norm.detach()
+        if non_target is not None:
+            frozen = dataclasses.replace(context)
 
     def rest_transform(cos: Tensor) -> Tensor:
         assert non_target is not None and frozen is not None
@@ -1651,12 +1891,31 @@ def margin_loss(
         # outside the autograd Function (traceable by torch.compile).
         prepare=run_prepare if non_target is not None else None,
     )
-    plain = group is None and (
+    compute = _compute_dtype(x_global, used)
+    gemm = _gemm_dtype(x_global.device, compute)
+    # "auto" on a small problem: everything in float64 from one GEMM (see _WIDE_MACS); under
+    # autocast the GEMM keeps the autocast dtype, so the plain path runs instead.
+    wide = (
+        group is None and checked.chunk == "auto" and gemm == compute
+        and x_global.numel() * used.shape[0] <= _WIDE_MACS
+    )
+    plain = group is None and not wide and (
         checked.chunk is None
         or (checked.chunk == "auto" and x_global.shape[0] * used.shape[0] <= _PLAIN_ELEMENTS)
     )
-    if plain:
-        gemm = _gemm_dtype(x_global.device, _compute_dtype(x_global, used))
+    # On the CPU, knowing that no row is ignored saves a few masking operations per call.
+    every_row = wide and bad is None and labels_global.device.type == "cpu" and bool(valid.all())
+    if wide:
+        with _autocast_off(x_global.device):
+            if cfg.simple:
+                stat, rest_sum, cos, x_norm, w_norm = _DenseEngine.apply(
+                    x_global, used, local, None if every_row else owned, scale_tensor, cfg
+                )
+            else:
+                stat, rest_sum, cos, x_norm, w_norm = _wide_parts(
+                    x_global, used, local, owned, scale_value, bias_value, cfg
+                )
+    elif plain:
         with _autocast_off(x_global.device):
             cos, x_norm, w_norm, _ = _target_cosine(x_global, used, local, owned, num_subcenters)
             if non_target is not None:
@@ -1692,6 +1951,8 @@ def margin_loss(
     else:
         row = sigmoid_row_loss(target_logit, stat)
     row = row.to(_compute_dtype(embeddings, weight))
+    if every_row:
+        return row if reduction == "none" else row.sum() if reduction == "sum" else row.mean()
     if bad is None:
         return reduce_rows(row, valid, reduction)
     return reduce_rows(torch.where(bad, math.nan, row), valid | bad, reduction)
