@@ -1151,7 +1151,7 @@ class _DenseEngine(torch.autograd.Function):
         else:
             rest_sum = torch.zeros_like(x_norm)
         stat = masked.logsumexp(dim=1)
-        ctx.save_for_backward(embeddings, weight, labels, owned, scale, xw, ww, x_inv, w_inv, z, masked, stat, cos)
+        ctx.save_for_backward(embeddings, weight, labels, owned, scale, xw, ww, x_inv, w_inv, z, masked, stat, cos)  # type: ignore[arg-type]
         ctx.cfg = cfg  # type: ignore[attr-defined]
         return stat, rest_sum, cos, x_norm, w_norm
 
@@ -1231,11 +1231,175 @@ def _reciprocal_or_zero(norm: Tensor) -> Tensor:
     return norm.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0)
 
 
+class _BlockEngine(torch.autograd.Function):
+    r"""The plain margin softmax of a mid-sized problem as one ``[B, C]`` block, closed form.
+
+    What :class:`_MarginEngine` computes with a single chunk, with fewer passes: the logits
+    :math:`z = (s\,x/\lVert x\rVert) W^\top` scaled by :math:`1/\lVert w_j\rVert` in the
+    compute dtype (the GEMMs follow autocast), their exponentials kept for backward, and the
+    target cosine from the gathered rows in float64 (kept for backward too: O(B·D)).
+    Backward: :math:`G = \partial L/\partial z`, two GEMMs, the weight normalisation's
+    radial term :math:`\sum_i G_{ij} z_{ij}` from the block, the embedding normalisation
+    and the float64 target terms on ``[B, D]``.  Only for ``cfg.simple``; double backward
+    recomputes with plain autograd.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        owned: Tensor | None,
+        scale: Tensor | None,
+        inv_norms: Tensor | None,
+        cfg: _Config,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        compute = _compute_dtype(embeddings, weight)
+        gemm = _gemm_dtype(embeddings.device, compute)
+        wide = _wide_dtype(embeddings.device)
+        cls = labels.clamp_min(0)
+        column = cls[:, None]
+        x64 = embeddings.to(wide)
+        r64 = weight.index_select(0, cls).to(wide)
+        x_norm, r_norm = _row_norms(x64, wide), _row_norms(r64, wide)
+        x_inv, r_inv = _reciprocal_or_zero(x_norm), _reciprocal_or_zero(r_norm)
+        cos = ((x64 * r64).sum(dim=1) * (x_inv * r_inv)).clamp_(-1.0, 1.0)
+        w_norm = r_norm
+        if owned is not None:
+            cos = torch.where(owned, cos, 0.0)
+            w_norm = torch.where(owned, r_norm, 0.0)
+        s = cfg.scale if scale is None else scale.to(wide)
+        row_factor = (x_inv * s) if cfg.normalize_embeddings else None
+        x = embeddings.to(compute)
+        xs = x * (row_factor.to(compute)[:, None] if row_factor is not None else s)
+        with _autocast_off(embeddings.device):
+            z = torch.mm(xs.to(gemm), weight.to(gemm).T).to(compute)
+        if cfg.normalize_weight:
+            assert inv_norms is not None
+            z.mul_(inv_norms)
+        at_target = z.gather(1, column)
+        if owned is None:
+            masked = z.scatter(1, column, -math.inf)
+        else:
+            masked = z.scatter(1, column, torch.where(owned[:, None], -math.inf, at_target))
+        if cfg.label_smoothing > 0.0:
+            rest_sum = (z.sum(dim=1) - at_target.squeeze(1) if owned is None else
+                        z.sum(dim=1) - torch.where(owned, at_target.squeeze(1), 0.0)).to(wide)
+        else:
+            rest_sum = torch.zeros_like(x_norm)
+        row_max = masked.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(compute).min)
+        probs = _flushed_exp_(masked.sub_(row_max))
+        total = probs.sum(dim=1).to(wide)
+        stat = total.log().add_(row_max.squeeze(1))
+        ctx.save_for_backward(
+            embeddings, weight, labels, owned, scale, inv_norms, xs, z, probs, total,  # type: ignore[arg-type]
+            x64, r64, x_inv, r_inv, cos,
+        )
+        ctx.cfg = cfg  # type: ignore[attr-defined]
+        ctx.gemm = gemm  # type: ignore[attr-defined]
+        return stat, rest_sum, cos, x_norm, w_norm
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_stat: Tensor | None,
+        grad_sum: Tensor | None,
+        grad_cos: Tensor | None,
+        grad_x_norm: Tensor | None,
+        grad_w_norm: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
+        gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        (embeddings, weight, labels, owned, scale, inv_norms, xs, z, probs, total,
+         x64, r64, x_inv, r_inv, cos) = saved
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            return _dense_double_backward(
+                needs, (grad_stat, grad_sum, grad_cos, grad_x_norm, grad_w_norm), saved, cfg, wide_gemm=False
+            )
+        compute = z.dtype
+        wide = x64.dtype
+        cls = labels.clamp_min(0)
+        column = cls[:, None]
+        if grad_stat is not None:
+            grad_z = probs * (grad_stat.to(wide) * safe_reciprocal(total)).to(compute)[:, None]
+        else:
+            grad_z = torch.zeros_like(z)
+        if grad_sum is not None and cfg.label_smoothing > 0.0:
+            grad_z.add_(grad_sum.to(compute)[:, None]).scatter_(1, column, 0.0)
+        s = cfg.scale if scale is None else scale.to(wide)
+        grad_x: Tensor | None = None
+        grad_w: Tensor | None = None
+        with _autocast_off(embeddings.device):
+            if needs[1] and cfg.normalize_weight:
+                assert inv_norms is not None
+                radial_w = (grad_z * z).sum(dim=0).mul_(inv_norms.square())
+            if cfg.normalize_weight:
+                grad_z.mul_(inv_norms)
+            g = grad_z.to(gemm)
+            if needs[0]:
+                grad_x = torch.mm(g, weight.to(gemm)).to(compute)
+            if needs[1]:
+                grad_w = torch.mm(g.T, xs.to(gemm)).to(compute)
+                if cfg.normalize_weight:
+                    grad_w.addcmul_(weight.to(compute), radial_w[:, None], value=-1.0)
+        # The rest's part of dL/dx through xs = s·x/‖x‖ (or s·x); then the float64 target terms.
+        if grad_x is not None:
+            if cfg.normalize_embeddings:
+                radial = (xs * grad_x).sum(dim=1).to(wide)
+                row_factor = x_inv * s
+                grad_x.mul_(row_factor.to(compute)[:, None])
+                coefficient = -radial * row_factor / (s * s)
+            else:
+                grad_x.mul_(s)
+                coefficient = None
+        g_cos = None if grad_cos is None else grad_cos.to(wide) if owned is None else torch.where(owned, grad_cos.to(wide), 0.0)
+        g_wn = None if grad_w_norm is None else grad_w_norm.to(wide) if owned is None else torch.where(owned, grad_w_norm.to(wide), 0.0)
+        if grad_x is not None:
+            # x̂ = x64·x_inv: the coefficients on x64 of the embedding-norm terms.
+            on_x = None if coefficient is None else coefficient * x_inv * s
+            if grad_x_norm is not None:
+                extra = grad_x_norm.to(wide) * x_inv
+                on_x = extra if on_x is None else on_x + extra
+            # Combined in float64 (the target terms cancel to O(sin θ) near θ = 0), added in
+            # the compute dtype (a mixed-dtype in-place add is many times slower).
+            if g_cos is not None:
+                extra = -g_cos * cos * x_inv.square()
+                on_x = extra if on_x is None else on_x + extra
+                grad_x.add_((r64 * (g_cos * x_inv * r_inv)[:, None]).addcmul_(x64, on_x[:, None]).to(compute))
+            elif on_x is not None:
+                grad_x.add_((x64 * on_x[:, None]).to(compute))
+        if grad_w is not None and (g_cos is not None or g_wn is not None):
+            on_r = torch.zeros_like(r_inv)
+            rows_grad = None
+            if g_cos is not None:
+                on_r = on_r - g_cos * cos * r_inv.square()
+                rows_grad = x64 * (g_cos * x_inv * r_inv)[:, None]
+            if g_wn is not None:
+                on_r = on_r + g_wn * r_inv
+            rows_grad = r64 * on_r[:, None] if rows_grad is None else rows_grad.addcmul_(r64, on_r[:, None])
+            grad_w.index_add_(0, cls, rows_grad.to(compute))
+        return (
+            None if grad_x is None else grad_x.to(embeddings.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 def _dense_double_backward(
     needs: tuple[bool, ...],
     grads: tuple[Tensor | None, ...],
     saved: tuple[Tensor, ...],
     cfg: _Config,
+    *,
+    wide_gemm: bool = True,
 ) -> tuple[Tensor | None, ...]:
     """A ``create_graph=True`` backward of :class:`_DenseEngine`: recompute with plain
     autograd (:func:`_wide_parts`) so that second derivatives are exact."""
@@ -1243,10 +1407,17 @@ def _dense_double_backward(
     if owned is None:
         owned = torch.ones_like(labels, dtype=torch.bool)
     used_scale: Scale = scale if scale is not None else cfg.scale
-    outputs = _wide_parts(embeddings, weight, labels, owned, used_scale, None, cfg)
+    if wide_gemm:
+        outputs = _wide_parts(embeddings, weight, labels, owned, used_scale, None, cfg)
+    else:
+        gemm = _gemm_dtype(embeddings.device, _compute_dtype(embeddings, weight))
+        with _autocast_off(embeddings.device):
+            cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, 1)
+            stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, used_scale, None, cfg, gemm)
+        outputs = (stat, rest_sum, cos, x_norm, w_norm)
     pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
     candidates = [(i, t) for i, t in ((0, embeddings), (1, weight)) if needs[i]]
-    result: list[Tensor | None] = [None] * 6
+    result: list[Tensor | None] = [None] * (6 if wide_gemm else 7)
     if not pairs or not candidates:
         return tuple(result)
     got = torch.autograd.grad(
@@ -1904,7 +2075,10 @@ def margin_loss(
         or (checked.chunk == "auto" and x_global.shape[0] * used.shape[0] <= _PLAIN_ELEMENTS)
     )
     # On the CPU, knowing that no row is ignored saves a few masking operations per call.
-    every_row = wide and bad is None and labels_global.device.type == "cpu" and bool(valid.all())
+    # "auto" up to plain_path_elements(): the plain margin softmax as one closed-form block.
+    block = plain and checked.chunk == "auto" and cfg.simple
+    # On the CPU, knowing that no row is ignored saves a few masking operations per call.
+    every_row = (wide or block) and bad is None and labels_global.device.type == "cpu" and bool(valid.all())
     if wide:
         with _autocast_off(x_global.device):
             if cfg.simple:
@@ -1915,6 +2089,11 @@ def margin_loss(
                 stat, rest_sum, cos, x_norm, w_norm = _wide_parts(
                     x_global, used, local, owned, scale_value, bias_value, cfg
                 )
+    elif block:
+        inv_norms = None if used_norms is None or not normalize_weight else _reciprocal_or_zero(used_norms)
+        stat, rest_sum, cos, x_norm, w_norm = _BlockEngine.apply(
+            x_global, used, local, None if every_row else owned, scale_tensor, inv_norms, cfg
+        )
     elif plain:
         with _autocast_off(x_global.device):
             cos, x_norm, w_norm, _ = _target_cosine(x_global, used, local, owned, num_subcenters)
