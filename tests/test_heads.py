@@ -285,7 +285,7 @@ def test_autocast_bf16_and_fp16_inputs_are_finite(head: str, chunk) -> None:
 
 
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("chunk", [None, 3, "auto"])
 def test_compile_fullgraph_matches_eager(head: str, chunk) -> None:
     torch._dynamo.reset()
     module = _make(head, chunk_size=chunk)

@@ -170,7 +170,7 @@ def _registered(name: str, **kwargs):
 
 
 @pytest.mark.parametrize("name", marginloss.list_heads())
-@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("chunk", [None, 4, "auto"])
 def test_every_head_names_non_finite_weight_rows(name, chunk) -> None:
     head = _registered(name, chunk_size=chunk)
     x, _, y = _problem(seed=7)
@@ -181,7 +181,7 @@ def test_every_head_names_non_finite_weight_rows(name, chunk) -> None:
 
 
 @pytest.mark.parametrize("name", marginloss.list_heads())
-@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("chunk", [None, 4, "auto"])
 def test_every_head_gives_a_zero_embedding_a_finite_bounded_gradient(name, chunk) -> None:
     head = _registered(name, chunk_size=chunk)
     x, _, y = _problem(seed=8)
@@ -196,7 +196,7 @@ def test_every_head_gives_a_zero_embedding_a_finite_bounded_gradient(name, chunk
 
 
 @pytest.mark.parametrize("name", sorted(set(marginloss.list_heads()) - NORM_DEPENDENT))
-@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("chunk", [None, 4, "auto"])
 @pytest.mark.parametrize("norm", [1e-25, 1e20])
 def test_every_norm_free_head_is_scale_invariant_in_float32(name, chunk, norm) -> None:
     head = marginloss.create_head(name, 8, 11, chunk_size=chunk)
