@@ -8,8 +8,22 @@ to the row, so they need a per-class offset (:math:`-\lVert\mu_k\rVert^2/2`, and
 covariance, a second GEMM (:math:`x^2 (1/\sigma^2)^\top`).  The engine has neither, so
 :class:`LGM` is a plain :class:`torch.nn.Module` with the same keywords the heads share where
 they make sense (``reduction``, ``label_smoothing``, ``ignore_index``, ``chunk_size``,
-``device``, ``dtype``); it is not in the head registry (:func:`marginloss.create_head` builds
-``MarginHead`` subclasses only) and has no class sharding.
+``device``, ``dtype``, and for class sharding ``process_group``, ``sample_rate``,
+``sample_seed``); it is not in the head registry (:func:`marginloss.create_head` builds
+``MarginHead`` subclasses only).
+
+Class sharding follows the margin engine (:mod:`marginloss.distributed`): each rank holds
+the means (and log-variances) of its block of classes, the embeddings and labels of every
+rank are all-gathered (the gather's backward sums the embedding gradient over ranks), the
+chunked Function walks the local classes and combines each row's non-target log-sum-exp and
+sum over ranks with O(B) all-reduces (its backward averages the incoming O(B) gradients over
+ranks and takes each block's softmax against the *global* log-sum-exp, so the gradients of
+the local means and variances are exact and stay local).  The target's distance and
+log-determinant, which the margin logit and the likelihood term need, are computed by the
+rank that holds the class (zero elsewhere) and summed over ranks by
+:func:`marginloss.sharding.sum_over_ranks`, whose backward hands the gradient to that rank's
+piece only.  PartialFC sampling restricts each shard to the batch's classes plus drawn
+others (:func:`marginloss.sharding.sample_classes`), as for the margin heads.
 
 The chunked path is one :class:`torch.autograd.Function` with a closed-form backward (not
 ``torch.utils.checkpoint`` per chunk): the non-target log-sum-exp of a row is a smooth
@@ -312,7 +326,7 @@ def _check_call(
     alpha = _check_alpha(alpha)
     lambda_lkd = _check_lambda(lambda_lkd)
     V.check_choice("reduction", reduction, _REDUCTIONS)
-    smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
     chunk = V.check_chunk_size(chunk_size)
     V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
     start, size = sharding.shard_range(num_classes, world_size, rank)
@@ -564,7 +578,22 @@ class LGM(nn.Module):
         apply; once differentiable: use ``None`` for a ``create_graph=True`` backward);
         ``"auto"``: plain up to :func:`marginloss.fused.plain_path_elements` logits, else
         :func:`marginloss.fused.default_chunk_size`.  Both paths trace under
-        ``torch.compile(fullgraph=True)``.
+        ``torch.compile(fullgraph=True)`` (single process).  Class-sharded, the chunked path
+        always runs (``None``: one block of the local classes).
+    process_group : ProcessGroup, optional
+        Shard the classes over this group, as :class:`~marginloss.MarginHead` does (see
+        :mod:`marginloss.distributed`): this rank holds rows ``[shard_start, shard_start +
+        shard_size)`` of ``means`` and ``log_variance`` (:func:`marginloss.distributed.shard_range`,
+        initialised with the bound of the full matrix from a stream of each rank's own, the
+        ``state_dict`` adding the buffer ``shard_layout``), ``num_classes`` stays the total
+        and ``forward`` returns, on every rank, the loss of the global batch gathered from
+        all ranks, with exact gradients.  :meth:`logits` covers the local classes only.
+    sample_rate : float, default 1.0
+        PartialFC: the fraction of each shard's classes kept per training step, in
+        ``(0, 1]`` (the batch's classes are always kept; the softmax and label smoothing
+        are then over the kept classes).  Below 1 the buffer ``sample_step`` counts steps.
+    sample_seed : int, default 0
+        Seeds the PartialFC draw together with the rank and the step.
     device, dtype : optional
         Where and how the parameters are created: ``means`` ``[C, D]``, the class means
         :math:`\mu_k` (Xavier-uniform, as the TensorFlow demo), and for
@@ -573,7 +602,7 @@ class LGM(nn.Module):
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
-        - output: scalar, or ``[B]`` if ``reduction="none"``
+        - output: scalar, or ``[B]`` if ``reduction="none"`` (the global batch when sharded)
 
     Examples
     --------
@@ -589,6 +618,8 @@ class LGM(nn.Module):
     """
 
     log_variance: Tensor | None
+    sample_step: Tensor
+    shard_layout: Tensor
 
     def __init__(
         self,
