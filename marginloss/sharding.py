@@ -48,6 +48,7 @@ __all__ = [
     "shard_range",
     "show_dtype",
     "show_float",
+    "sum_over_ranks",
     "world",
 ]
 
@@ -397,3 +398,38 @@ def all_ranks_raise(
         error = exc
     exchange(group, device, [], error, what)
     return result
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) of per-rank pieces of a value every rank then uses alike; backward
+    hands each rank's piece the gradient of the sum, averaged over ranks."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, local: Tensor, group: ProcessGroup
+    ) -> Tensor:
+        ctx.group = group  # type: ignore[attr-defined]
+        total = local.detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, None]:
+        group: ProcessGroup = ctx.group  # type: ignore[attr-defined]
+        return average_over_ranks(grad.contiguous(), group), None
+
+
+def sum_over_ranks(local: Tensor, group: ProcessGroup) -> Tensor:
+    """``Σ_r local_r`` over the ranks of ``group``, differentiable.
+
+    For an O(B) quantity that one rank computes per row (the term of the class it holds,
+    zero on the others) and every rank then uses alike in the same loss: each rank
+    backpropagates the same upstream gradient, so backward passes it (averaged over ranks,
+    as :func:`average_over_ranks` does for the engine) to each rank's piece, and only the
+    rank that owns a row's term puts a gradient into it.
+    """
+    total: Tensor = _SumOverRanks.apply(local, group)
+    return total

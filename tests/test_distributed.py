@@ -392,7 +392,9 @@ def _worker(rank: int, world_size: int, init_method: str, out: Path) -> None:
         results: dict[str, Any] = {case.name: _run_case(case, rank, world_size) for case in cases(world_size)}
         results["checkpoints"] = _run_checkpoints(rank, world_size)
         results["learned"] = _run_learned(rank, world_size)
+        results["lgm"] = _run_lgm(rank, world_size)
         if world_size == 2:
+            results["lgm_errors"] = _run_lgm_errors(rank, world_size)
             results["agreement"] = _run_agreement(rank, world_size)
             results["errors"] = _run_errors(rank, world_size)
             results["ddp"] = _run_ddp(rank, world_size)
@@ -756,6 +758,294 @@ def test_example_runs_under_torchrun(tmp_path: Path) -> None:
     assert (tmp_path / "weight.pt").exists()
     assert "checkpoint round trip: ok" in done.stdout
 
+
+
+# ---------------------------------------------------------------- L-GM, class-sharded (issue 14)
+
+
+@dataclasses.dataclass(frozen=True)
+class LGMCase:
+    """One sharded L-GM forward/backward (or ``steps`` of them) and its float64 reference."""
+
+    covariance: str
+    num_classes: int
+    batch_sizes: tuple[int, ...]
+    chunk_size: int | str | None = "auto"
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    ignored_rows: bool = False
+    sample_rate: float = 1.0
+    steps: int = 1
+
+    @property
+    def name(self) -> str:
+        fields = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        return "lgm:" + ",".join(fields).replace(" ", "")
+
+
+LGM_HYPERPARAMETERS = {"alpha": 0.3, "lambda_lkd": 0.5}
+
+
+def lgm_cases(world_size: int) -> list[LGMCase]:
+    if world_size == 2:
+        return [
+            LGMCase("diagonal", 13, (5, 3)),
+            LGMCase("identity", 12, (4, 4), chunk_size=2, reduction="none", label_smoothing=0.1, ignored_rows=True),
+            LGMCase("diagonal", 13, (5, 0), chunk_size=3, reduction="sum", ignored_rows=True),
+            LGMCase("diagonal", 13, (2, 6), chunk_size=None, label_smoothing=0.2),
+            LGMCase("diagonal", 13, (5, 3), label_smoothing=0.1, ignored_rows=True, sample_rate=0.5, steps=2),
+        ]
+    return [
+        LGMCase("diagonal", 14, (4, 0, 3), chunk_size=2),
+        LGMCase("identity", 14, (3, 2, 4), reduction="none", label_smoothing=0.2, ignored_rows=True),
+        LGMCase("diagonal", 17, (2, 1, 1), sample_rate=0.4, steps=2),
+    ]
+
+
+def lgm_inputs(case: LGMCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global embeddings ``[N, D]``, labels ``[N]``, full means and log-variances ``[C, D]``
+    and the row weights that ``reduction="none"`` losses are summed with."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    total = sum(case.batch_sizes)
+    means = torch.randn(case.num_classes, DIM, generator=gen, dtype=torch.float64)
+    log_variance = 0.4 * torch.randn(case.num_classes, DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, case.num_classes, (total,), generator=gen)
+    embeddings = means[labels] + 0.8 * torch.randn(total, DIM, generator=gen, dtype=torch.float64)
+    if case.ignored_rows:
+        labels[::3] = -100
+    coeffs = torch.rand(total, generator=gen, dtype=torch.float64) + 0.5
+    return embeddings, labels, means, log_variance, coeffs
+
+
+def make_lgm(case: LGMCase, num_classes: int | None = None, **kwargs: Any) -> Any:
+    return marginloss.LGM(
+        DIM, num_classes or case.num_classes, **LGM_HYPERPARAMETERS, covariance=case.covariance,
+        reduction=case.reduction, label_smoothing=case.label_smoothing, chunk_size=case.chunk_size,
+        dtype=torch.float64, **kwargs,
+    )
+
+
+def _load_lgm(head: Any, means: torch.Tensor, log_variance: torch.Tensor) -> None:
+    rows = slice(head.shard_start, head.shard_start + head.shard_size)
+    with torch.no_grad():
+        head.means.copy_(means[rows])
+        if head.log_variance is not None:
+            head.log_variance.copy_(log_variance[rows])
+
+
+def lgm_sampled_classes(case: LGMCase, labels: torch.Tensor, world_size: int, step: int) -> torch.Tensor:
+    """The union over ranks of the classes PartialFC keeps at ``step`` (sorted class ids)."""
+    return torch.cat([
+        MD.shard_range(case.num_classes, world_size, rank)[0]
+        + MD.sample_classes(labels, case.num_classes, world_size, rank, case.sample_rate, seed=5, step=step)
+        for rank in range(world_size)
+    ])
+
+
+def _run_lgm(rank: int, world_size: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    seen: dict[str, Any] = {}
+    for case in lgm_cases(world_size):
+        embeddings, labels, means, log_variance, coeffs = lgm_inputs(case)
+        start = sum(case.batch_sizes[:rank])
+        stop = start + case.batch_sizes[rank]
+        extra = {"sample_rate": case.sample_rate, "sample_seed": 5} if case.sample_rate < 1 else {}
+        head = make_lgm(case, process_group=group, **extra)
+        _load_lgm(head, means, log_variance)
+        steps: list[tuple[torch.Tensor, ...]] = []
+        for _ in range(case.steps):
+            x = embeddings[start:stop].clone().requires_grad_(True)
+            loss = head(x, labels[start:stop])
+            backpropagate(loss, coeffs)
+            grad_u = head.log_variance.grad.clone() if head.log_variance is not None else torch.zeros(0)
+            steps.append((loss.detach(), x.grad, head.means.grad.clone(), grad_u))
+            head.zero_grad(set_to_none=True)
+        seen[case.name] = steps
+    head = marginloss.LGM(DIM, 14, covariance="diagonal", process_group=group, dtype=torch.float64)
+    seen["checkpoint"] = {
+        "state_dict keys": sorted(head.state_dict()),
+        "shard_layout": head.shard_layout.tolist(),
+        "repr": repr(head),
+        "logits shape": tuple(head.logits(torch.randn(2, DIM, dtype=torch.float64)).shape),
+        "fresh shard": head.means.detach().clone(),
+    }
+    return seen
+
+
+def _run_lgm_errors(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
+    """Sharded L-GM heads whose ranks disagree, or get bad input on one rank only."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    x = torch.randn(3, DIM, dtype=torch.float64)
+    y = torch.tensor([0, 5, 11])
+
+    def head(num_classes: int = 12, **kwargs: Any) -> Any:
+        return marginloss.LGM(DIM, num_classes, process_group=group, dtype=torch.float64, **kwargs)
+
+    sharded = head(covariance="diagonal")
+    return {
+        "alpha": _outcome(lambda: head(alpha=0.1 + 0.1 * rank)(x, y)),
+        "lambda_lkd": _outcome(lambda: head(lambda_lkd=0.01 * (rank + 1))(x, y)),
+        "covariance": _outcome(lambda: head(covariance="diagonal" if rank == 1 else "identity")(x, y)),
+        "num_classes": _outcome(lambda: head(12 if rank == 0 else 13)(x, y)),
+        "reduction": _outcome(lambda: head(reduction="sum" if rank == 0 else "mean")(x, y)),
+        "labels out of range": _outcome(lambda: sharded(x, y if rank == 0 else torch.tensor([0, 12, 1]))),
+        "labels shape": _outcome(lambda: sharded(x, y if rank == 0 else y[:2])),
+        "embedding_dim": _outcome(lambda: sharded(x if rank == 1 else x[:, :4], y)),
+        "dtype": _outcome(lambda: sharded(x if rank == 0 else x.float(), y)),
+        "nan": _outcome(lambda: sharded(x if rank == 1 else x * math.nan, y)),
+        "requires_grad": _outcome(lambda: sharded(x.clone().requires_grad_(rank == 0), y)),
+        "sample_rate head": _outcome(lambda: head(sample_rate=1.5)),
+        "margin logits": _outcome(lambda: sharded.logits(x, y)),
+        # The group is still in step after all of the above:
+        "still in step": _outcome(lambda: sharded(x.clone().requires_grad_(True), y).backward()),
+    }
+
+
+def _lgm_reference(case: LGMCase, world_size: int, step: int) -> tuple[torch.Tensor, ...]:
+    """Loss and gradients (embeddings, means, log-variances) of the float64 per-sample
+    reference on the global batch (for a sampled case: over the sampled classes only)."""
+    from tests.reference import lgm_loss
+
+    embeddings, labels, means, log_variance, coeffs = lgm_inputs(case)
+    classes = torch.arange(case.num_classes)
+    if case.sample_rate < 1:
+        classes = lgm_sampled_classes(case, labels, world_size, step)
+    valid = labels != -100
+    restricted = torch.where(valid, torch.searchsorted(classes, labels.clamp_min(0)), -100)
+    assert bool((classes[restricted[valid]] == labels[valid]).all()), "a positive class was not sampled"
+    x = embeddings.clone().requires_grad_(True)
+    mu = means[classes].clone().requires_grad_(True)
+    u = log_variance[classes].clone().requires_grad_(True) if case.covariance == "diagonal" else None
+    rows = lgm_loss(x, mu, restricted, log_variance=u, label_smoothing=case.label_smoothing, **LGM_HYPERPARAMETERS)
+    if case.reduction == "none":
+        loss = torch.where(valid, rows, torch.zeros_like(rows))
+    elif case.reduction == "sum":
+        loss = rows[valid].sum()
+    else:
+        loss = rows[valid].sum() / max(int(valid.sum()), 1)
+    backpropagate(loss, coeffs)
+    grad_mu = torch.zeros_like(means)
+    grad_mu[classes] = mu.grad
+    grad_u = torch.zeros(0, dtype=torch.float64)
+    if u is not None:
+        grad_u = torch.zeros_like(log_variance)
+        grad_u[classes] = u.grad
+    return loss.detach(), x.grad, grad_mu, grad_u
+
+
+@pytest.mark.parametrize(
+    "world_size, case",
+    [(w, c) for w in (2, 3) for c in lgm_cases(w)],
+    ids=[f"{w}ranks-{c.name}" for w in (2, 3) for c in lgm_cases(w)],
+)
+def test_lgm_sharded_matches_the_float64_reference(world_size: int, case: LGMCase, ranks: Any) -> None:
+    """Loss (classification + likelihood) and the gradients of the embeddings, the means and
+    the log-variances, uneven shards and batches (an empty rank included), against one process."""
+    from tests.reference import assert_close
+
+    results = [rank["lgm"][case.name] for rank in ranks(world_size)]
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    for step in range(case.steps):
+        loss, grad_x, grad_mu, grad_u = _lgm_reference(case, world_size, step)
+        for rank, seen in enumerate(results):
+            assert_close(seen[step][0], loss, **tol, what=f"loss on rank {rank}, step {step}")
+        assert_close(torch.cat([seen[step][1] for seen in results]), grad_x, **tol, what=f"embedding grad, step {step}")
+        assert_close(torch.cat([seen[step][2] for seen in results]), grad_mu, **tol, what=f"means grad, step {step}")
+        if case.covariance == "diagonal":
+            assert_close(torch.cat([seen[step][3] for seen in results]), grad_u, **tol, what=f"log_variance grad, step {step}")
+    if case.steps > 1 and case.sample_rate < 1:
+        _, labels, _, _, _ = lgm_inputs(case)
+        first, second = (lgm_sampled_classes(case, labels, world_size, step) for step in (0, 1))
+        assert not torch.equal(first, second), "the sample should change from step to step"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_lgm_sharded_state_layout_and_init(world_size: int, ranks: Any) -> None:
+    results = [rank["lgm"]["checkpoint"] for rank in ranks(world_size)]
+    for rank, seen in enumerate(results):
+        assert seen["state_dict keys"] == ["log_variance", "means", "sample_step", "shard_layout"]
+        start, size = MD.shard_range(14, world_size, rank)
+        assert seen["shard_layout"] == [14, world_size, start, size]
+        assert f"process_group=<rank {rank} of {world_size}, classes [{start}, {start + size})>" in seen["repr"]
+        assert seen["logits shape"] == (2, size)
+        # Xavier bound of the full [14, D] matrix; shards are not copies of one another.
+        assert float(seen["fresh shard"].abs().max()) <= math.sqrt(6 / (14 + DIM))
+    assert not torch.equal(results[0]["fresh shard"][:4], results[1]["fresh shard"][:4])
+
+
+LGM_ERRORS = {
+    "alpha": "sharded LGM: alpha must be the same on every rank, got [0.1, 0.2]",
+    "lambda_lkd": "lambda_lkd must be the same on every rank, got [0.01, 0.02]",
+    "covariance": "covariance must be the same on every rank, got ['identity', 'diagonal']",
+    "num_classes": "num_classes must be the same on every rank, got [12, 13]",
+    "reduction": "reduction must be the same on every rank, got ['sum', 'mean']",
+    "labels out of range": "rank 1: labels must be in [0, 12)",
+    "labels shape": "rank 1: labels must have shape [3]",
+    "embedding_dim": "rank 0: embeddings must have shape [batch, 6]",
+    "dtype": "the embeddings' dtype must be the same on every rank, got ['float64', 'float32']",
+    "nan": "rank 0: embeddings must be finite",
+    "requires_grad": "embeddings.requires_grad (every rank must backpropagate, or none) must be the same",
+    "sample_rate head": "sample_rate must be in (0, 1], got 1.5",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LGM_ERRORS))
+def test_lgm_ranks_that_disagree_raise_the_same_error(name: str, ranks: Any) -> None:
+    outcomes = [rank["lgm_errors"][name] for rank in ranks(2)]
+    for rank, (kind, message) in enumerate(outcomes):
+        assert kind == "ValueError", f"rank {rank} raised {kind}: {message}"
+        assert LGM_ERRORS[name] in message, f"rank {rank}: {message}"
+    assert outcomes[0] == outcomes[1]
+
+
+def test_lgm_group_stays_in_step_after_errors(ranks: Any) -> None:
+    results = [rank["lgm_errors"] for rank in ranks(2)]
+    assert [seen["still in step"] for seen in results] == [("no error", "")] * 2
+    assert results[0]["margin logits"][0] == "ValueError"
+    assert "holds classes [0, 6) only" in results[0]["margin logits"][1]
+
+
+@pytest.mark.parametrize("covariance", ["identity", "diagonal"])
+def test_lgm_sampling_in_one_process_is_the_restricted_head(covariance: str) -> None:
+    from tests.reference import assert_close
+
+    case = LGMCase(covariance, 30, (9,), label_smoothing=0.1, ignored_rows=True, sample_rate=0.2, steps=2)
+    embeddings, labels, means, log_variance, _ = lgm_inputs(case)
+    sampled = make_lgm(case, sample_rate=0.2, sample_seed=5)
+    _load_lgm(sampled, means, log_variance)
+    assert "sample_rate=0.2, sample_seed=5" in repr(sampled)
+    for step in range(2):
+        x = embeddings.clone().requires_grad_(True)
+        loss = sampled(x, labels)
+        loss.backward()
+        expected, grad_x, grad_mu, grad_u = _lgm_reference(case, 1, step)
+        assert_close(loss, expected, rtol=1e-12, atol=1e-12, what=f"loss, step {step}")
+        assert_close(x.grad, grad_x, rtol=1e-10, atol=1e-12, what=f"embedding grad, step {step}")
+        assert_close(sampled.means.grad, grad_mu, rtol=1e-10, atol=1e-12, what=f"means grad, step {step}")
+        if covariance == "diagonal":
+            assert_close(sampled.log_variance.grad, grad_u, rtol=1e-10, atol=1e-12, what=f"log_variance grad, step {step}")
+        sampled.zero_grad(set_to_none=True)
+    assert int(sampled.sample_step) == 2 and "sample_step" in sampled.state_dict()
+    sampled.eval()  # no sampling outside training: the full softmax
+    full = make_lgm(case)
+    _load_lgm(full, means, log_variance)
+    assert_close(sampled(embeddings, labels), full(embeddings, labels), rtol=1e-12, atol=1e-12, what="eval")
+    assert int(sampled.sample_step) == 2
+
+
+def test_lgm_single_process_head_is_unchanged_by_sharding_arguments() -> None:
+    head = marginloss.LGM(DIM, 10)
+    assert head.means.shape == (10, DIM) and list(head.state_dict()) == ["means"]
+    assert "process_group" not in repr(head) and "sample_rate" not in repr(head)
+    assert head.shard_start == 0 and head.shard_size == 10
+    with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\], got 0.0"):
+        marginloss.LGM(DIM, 10, sample_rate=0.0)
+    with pytest.raises(TypeError, match="sample_seed must be an int, got float"):
+        marginloss.LGM(DIM, 10, sample_seed=1.0)
 
 if __name__ == "__main__":
     _main()

@@ -118,6 +118,17 @@ def test_uniform_term_all_pairs_equals_the_dense_formula() -> None:
     assert_close(head.uniform_term(), MF.uniform_loss(head.centers), **TOL, what="chunked vs dense")
 
 
+@pytest.mark.parametrize("tile", [None, 1, 3, 4, 11, 20])
+def test_blocked_pair_total_equals_the_dense_sum(tile) -> None:
+    """The symmetric square blocks (on and above the diagonal, off-diagonal ones twice) add up
+    to the dense sum over all ordered pairs, whether the tile divides C or not."""
+    from marginloss.heads import uniformface as module
+
+    unit = torch.nn.functional.normalize(torch.randn(11, 3, dtype=torch.float64), dim=1)
+    dense = MF.uniform_loss(unit) * (11 * 10)
+    assert_close(module._total_pairs(unit, tile), dense, **TOL, what=f"tile {tile}")
+
+
 def test_checkpoint_replay_updates_once_and_matches() -> None:
     x0, weight, labels = problem(seed=4)
     plain = make_head(weight, chunk_size=3)

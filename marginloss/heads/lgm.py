@@ -8,8 +8,22 @@ to the row, so they need a per-class offset (:math:`-\lVert\mu_k\rVert^2/2`, and
 covariance, a second GEMM (:math:`x^2 (1/\sigma^2)^\top`).  The engine has neither, so
 :class:`LGM` is a plain :class:`torch.nn.Module` with the same keywords the heads share where
 they make sense (``reduction``, ``label_smoothing``, ``ignore_index``, ``chunk_size``,
-``device``, ``dtype``); it is not in the head registry (:func:`marginloss.create_head` builds
-``MarginHead`` subclasses only) and has no class sharding.
+``device``, ``dtype``, and for class sharding ``process_group``, ``sample_rate``,
+``sample_seed``); it is not in the head registry (:func:`marginloss.create_head` builds
+``MarginHead`` subclasses only).
+
+Class sharding follows the margin engine (:mod:`marginloss.distributed`): each rank holds
+the means (and log-variances) of its block of classes, the embeddings and labels of every
+rank are all-gathered (the gather's backward sums the embedding gradient over ranks), the
+chunked Function walks the local classes and combines each row's non-target log-sum-exp and
+sum over ranks with O(B) all-reduces (its backward averages the incoming O(B) gradients over
+ranks and takes each block's softmax against the *global* log-sum-exp, so the gradients of
+the local means and variances are exact and stay local).  The target's distance and
+log-determinant, which the margin logit and the likelihood term need, are computed by the
+rank that holds the class (zero elsewhere) and summed over ranks by
+:func:`marginloss.sharding.sum_over_ranks`, whose backward hands the gradient to that rank's
+piece only.  PartialFC sampling restricts each shard to the batch's classes plus drawn
+others (:func:`marginloss.sharding.sample_classes`), as for the margin heads.
 
 The chunked path is one :class:`torch.autograd.Function` with a closed-form backward (not
 ``torch.utils.checkpoint`` per chunk): the non-target log-sum-exp of a row is a smooth
@@ -26,14 +40,18 @@ autograd outside the Function, as the margin heads' target does.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from marginloss import _validation as V
-from marginloss import fused
+from marginloss import fused, sharding
 from marginloss.fused import ChunkSize
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["LGM", "lgm", "lgm_logits"]
 
@@ -111,6 +129,7 @@ class _ChunkedRest(torch.autograd.Function):
         log_variance: Tensor | None,
         labels: Tensor,
         chunk: int,
+        group: ProcessGroup | None = None,
     ) -> tuple[Tensor, Tensor]:
         x_sq = x * x
         xx = x_sq.sum(1)
@@ -130,18 +149,30 @@ class _ChunkedRest(torch.autograd.Function):
             running_max = new_max
         safe = torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
         rest = safe + running_sum.log()
+        if group is not None:
+            # This shard's row statistics to the global ones (O(B) all-reduces); backward
+            # then takes each block's softmax against the global log-sum-exp.
+            rest = sharding.all_reduce_logsumexp(rest, group)
+            torch.distributed.all_reduce(logit_sum, group=group)
         ctx.save_for_backward(x, means, log_variance, labels, rest)  # type: ignore[arg-type]
         ctx.chunk = chunk  # type: ignore[attr-defined]
+        ctx.group = group  # type: ignore[attr-defined]
         return rest, logit_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_rest: Tensor, grad_sum: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, means, log_variance, labels, rest = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk: int = ctx.chunk  # type: ignore[attr-defined]
+        group: ProcessGroup | None = ctx.group  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if group is not None:
+            # Every shard must see the same upstream gradient for the pieces to add up
+            # (as in the margin engine): average it over ranks.
+            both = sharding.average_over_ranks(torch.stack([grad_rest, grad_sum]), group)
+            grad_rest, grad_sum = both[0], both[1]
         x_sq = x * x
         xx = x_sq.sum(1)
         grad_x = torch.zeros_like(x) if needs[0] else None
@@ -173,7 +204,7 @@ class _ChunkedRest(torch.autograd.Function):
                 grad_means[start:stop] = (px - col * mu) * inv
             if grad_var is not None:
                 grad_var[start:stop] = 0.5 * (p.T @ x_sq - 2.0 * mu * px + col * mu * mu) * inv - 0.5 * col
-        return grad_x, grad_means, grad_var, None, None
+        return grad_x, grad_means, grad_var, None, None, None
 
 
 def _resolve_chunk(chunk_size: ChunkSize, batch: int, num_classes: int, device: torch.device) -> int | None:
@@ -262,37 +293,215 @@ def lgm(
     >>> lgm(x, mu, torch.randint(0, 100, (8,)), alpha=0.1, lambda_lkd=0.01).shape
     torch.Size([])
     """
-    V.check_embeddings(embeddings)
+    return _lgm_loss(
+        embeddings, means, labels, alpha=alpha, lambda_lkd=lambda_lkd, log_variance=log_variance,
+        reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index, chunk_size=chunk_size,
+    )
+
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_call(
+    embeddings: Tensor,
+    means: Tensor,
+    labels: Tensor,
+    log_variance: Tensor | None,
+    *,
+    num_classes: int,
+    world_size: int,
+    rank: int,
+    alpha: float,
+    lambda_lkd: float,
+    reduction: str,
+    label_smoothing: float,
+    ignore_index: int,
+    chunk_size: object,
+    sample_rate: float,
+    embedding_dim: int | None = None,
+) -> tuple[Tensor, float, float, int | str | None]:
+    """Every check of one call that this process can make on its own (raising)."""
+    V.check_embeddings(embeddings, embedding_dim, check_values=False)
     _check_parameters(means, log_variance, embeddings.shape[1])
     alpha = _check_alpha(alpha)
     lambda_lkd = _check_lambda(lambda_lkd)
-    reduction = V.check_choice("reduction", reduction, ("mean", "sum", "none"))
-    label_smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    chunk_size = V.check_chunk_size(chunk_size)  # type: ignore[assignment]
+    V.check_choice("reduction", reduction, _REDUCTIONS)
+    V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    chunk = V.check_chunk_size(chunk_size)
+    V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
+    start, size = sharding.shard_range(num_classes, world_size, rank)
+    if means.shape[0] != size:
+        if world_size > 1:
+            raise ValueError(
+                f"means has {means.shape[0]} rows but rank {rank} of {world_size} holds classes "
+                f"[{start}, {start + size}) of num_classes={num_classes} ({size} rows); build the "
+                f"head with this process group"
+            )
+        raise ValueError(f"means must have {size} rows (num_classes={num_classes}), got shape {tuple(means.shape)}")
     V.check_same_device(embeddings=embeddings, means=means)
-    num_classes = means.shape[0]
-    labels = V.check_labels(labels, embeddings.shape[0], num_classes, ignore_index)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    checked = V.check_labels(labels, embeddings.shape[0], None, ignore_index)
+    # One synchronisation for the finite embeddings and the label range (always on the CPU).
+    V.check_inputs_values(embeddings, None, checked, num_classes, ignore_index)
+    return checked, alpha, lambda_lkd, chunk
+
+
+def _agree(
+    group: ProcessGroup,
+    device: torch.device,
+    facts: list[tuple[str, int, Any]],
+    error: BaseException | None,
+) -> list[int]:
+    """Exchange the named facts (and any local error) and raise on every rank alike when a
+    rank failed or the ranks disagree; returns every rank's batch size."""
+    what = "sharded LGM"
+    rows = sharding.exchange(group, device, [value for _, value, _ in facts], error, what)
+    for index, (name, _, show) in enumerate(facts[1:], start=1):
+        sharding.require_same(rows, index, name, what, show)
+    return [row[0] for row in rows]
+
+
+def _lgm_loss(
+    embeddings: Tensor,
+    means: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    lambda_lkd: float,
+    log_variance: Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+    ignore_index: int,
+    chunk_size: ChunkSize,
+    num_classes: int | None = None,
+    process_group: ProcessGroup | None = None,
+    sample_rate: float = 1.0,
+    sample_seed: int = 0,
+    sample_step: int = 0,
+    embedding_dim: int | None = None,
+) -> Tensor:
+    """The L-GM loss of :func:`lgm`, optionally class-sharded over ``process_group`` (``means``
+    and ``log_variance`` then hold this rank's rows of ``num_classes``) and PartialFC-sampled.
+
+    Sharded, as the margin engine: the embeddings and labels are all-gathered (the gather's
+    backward sums the embedding gradient over ranks), each rank walks its own classes and
+    the non-target log-sum-exp and sum of each row are combined over ranks by O(B)
+    all-reduces; the target's distance and log-determinant come from the rank that holds the
+    class (zero elsewhere) and are summed over ranks by :func:`sharding.sum_over_ranks`, so
+    the margin logit and :math:`L_{lkd}` get their exact gradients on the owning rank only.
+    """
+    group = process_group
+    world_size, rank = sharding.world(group)
+    total_classes = num_classes if num_classes is not None else (
+        means.shape[0] if isinstance(means, Tensor) and means.dim() == 2 else 0
+    )
+    device = means.device if isinstance(means, Tensor) else torch.device("cpu")
+    error: BaseException | None = None
+    checked: tuple[Tensor, float, float, int | str | None] | None = None
+    try:
+        V.check_positive_int("num_classes", total_classes)
+        checked = _check_call(
+            embeddings, means, labels, log_variance, num_classes=total_classes, world_size=world_size, rank=rank,
+            alpha=alpha, lambda_lkd=lambda_lkd, reduction=reduction, label_smoothing=label_smoothing,
+            ignore_index=ignore_index, chunk_size=chunk_size, sample_rate=sample_rate, embedding_dim=embedding_dim,
+        )
+        V.check_int64("sample_seed", sample_seed)
+        V.check_int64("sample_step", sample_step)
+    except Exception as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        grad = torch.is_grad_enabled()
+        facts: list[tuple[str, int, Any]] = [("batch size", 0, None)]
+        if checked is not None:
+            facts = [
+                ("batch size", embeddings.shape[0], None),
+                ("num_classes", total_classes, None),
+                ("embedding_dim", means.shape[1], None),
+                ("the embeddings' dtype", sharding.dtype_code(embeddings.dtype), sharding.show_dtype),
+                ("the means' dtype", sharding.dtype_code(means.dtype), sharding.show_dtype),
+                ("covariance", int(log_variance is not None), lambda v: COVARIANCES[v]),
+                ("embeddings.requires_grad (every rank must backpropagate, or none)",
+                 int(grad and embeddings.requires_grad), None),
+                ("means.requires_grad (every rank must backpropagate, or none)", int(grad and means.requires_grad), None),
+                ("log_variance.requires_grad (every rank must backpropagate, or none)",
+                 int(grad and log_variance is not None and log_variance.requires_grad), None),
+                ("alpha", sharding.float_bits(checked[1]), sharding.show_float),
+                ("lambda_lkd", sharding.float_bits(checked[2]), sharding.show_float),
+                ("reduction", _REDUCTIONS.index(reduction), lambda i: _REDUCTIONS[i]),
+                ("label_smoothing", sharding.float_bits(label_smoothing), sharding.show_float),
+                ("ignore_index", ignore_index, None),
+                ("sample_rate", sharding.float_bits(sample_rate), sharding.show_float),
+                ("sample_seed", sample_seed, None),
+                ("sample_step", sample_step, None),
+            ]
+        else:
+            facts += [("", 0, None)] * 16
+        batch_sizes = tuple(_agree(group, device, facts, error))
+    assert checked is not None  # every failure above raised
+    labels, alpha, lambda_lkd, chunk_setting = checked
     compute = _compute_dtype(embeddings, means, log_variance)
     device_type = embeddings.device.type
-    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext():
-        x = embeddings.to(compute)
+    off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+    if group is None:
+        x_all, labels_all = embeddings, labels
+    else:
+        if sum(batch_sizes) == 0:
+            # Every rank is empty: a zero loss still connected to the inputs, no collectives.
+            zero = (embeddings.sum() * 0.0 + means[:0].sum()).to(compute)
+            if log_variance is not None:
+                zero = zero + log_variance[:0].sum().to(compute)
+            return zero.expand(0) if reduction == "none" else zero
+        x_all = sharding.gather_embeddings(embeddings, group, batch_sizes, rank)
+        labels_all = sharding.all_gather_rows(labels, group, batch_sizes)
+    in_range = (labels_all >= 0) & (labels_all < total_classes)
+    ignored = labels_all == ignore_index
+    valid = in_range & ~ignored
+    # With value checks off (labels off the CPU), a label outside [0, C) that is not
+    # ignore_index makes its row NaN: never another class's loss.
+    bad = None if V.labels_checked(labels_all) else ~in_range & ~ignored
+    safe = torch.where(valid, labels_all, torch.zeros_like(labels_all))
+    start, _ = sharding.shard_range(total_classes, world_size, rank)
+    local = safe - start
+    owned = valid & (local >= 0) & (local < means.shape[0])
+    local = torch.where(owned, local, torch.full_like(local, -1))
+    with off:
+        x = x_all.to(compute)
         mu = means.to(compute)
         u = None if log_variance is None else log_variance.to(compute)
-        if num_classes == 1:
+        used_mu, used_u, used_local, classes = mu, u, local, total_classes
+        if sample_rate < 1.0:
+            labels_cpu = torch.where(valid, labels_all, -1).cpu()
+            kept = sharding.sample_classes(
+                labels_cpu, total_classes, world_size, rank, sample_rate, seed=sample_seed, step=sample_step
+            ).to(means.device)
+            classes = sharding.sampled_total(labels_cpu, total_classes, world_size, sample_rate)
+            used_mu = mu.index_select(0, kept)
+            used_u = None if u is None else u.index_select(0, kept)
+            position = torch.searchsorted(kept, local.clamp_min(0)).clamp_max(kept.numel() - 1)
+            hit = owned & (kept[position] == local)
+            used_local = torch.where(hit, position, torch.full_like(position, -1))
+        if group is None and used_mu.shape[0] == 1:
             rest, rest_sum = torch.full_like(x[:, 0], float("-inf")), torch.zeros_like(x[:, 0])
         else:
-            chunk = _resolve_chunk(chunk_size, x.shape[0], num_classes, x.device)
-            if chunk is None:
-                rest, rest_sum = _plain_rest(x, mu, u, safe)
+            chunk = _resolve_chunk(chunk_setting, x.shape[0], used_mu.shape[0], x.device)  # type: ignore[arg-type]
+            if chunk is None and group is None:
+                rest, rest_sum = _plain_rest(x, used_mu, used_u, used_local)
             else:
-                rest, rest_sum = _ChunkedRest.apply(x, mu, u, safe, chunk)
-        d_target, logdet = _target_terms(x, mu, u, safe)
+                width = used_mu.shape[0] if chunk is None else chunk
+                rest, rest_sum = _ChunkedRest.apply(x, used_mu, used_u, used_local, width, group)
+        index = local.clamp_min(0)
+        d_target, logdet = _target_terms(x, mu, u, index)
+        if group is not None:
+            zero = torch.zeros((), dtype=d_target.dtype, device=d_target.device)
+            pieces = torch.stack([torch.where(owned, d_target, zero), torch.where(owned, logdet, zero)])
+            d_target, logdet = sharding.sum_over_ranks(pieces, group).unbind(0)
         target = -0.5 * (1.0 + alpha) * d_target - 0.5 * logdet
-        row = fused.softmax_row_loss(target, rest, rest_sum, num_classes, label_smoothing)
+        row = fused.softmax_row_loss(target, rest, rest_sum, classes, float(label_smoothing))
         row = row + lambda_lkd * 0.5 * (d_target + logdet)
-    return fused.reduce_rows(row, valid, reduction)
+    if bad is None:
+        return fused.reduce_rows(row, valid, reduction)
+    return fused.reduce_rows(torch.where(bad, math.nan, row), valid | bad, reduction)
 
 
 class LGM(nn.Module):
@@ -369,7 +578,22 @@ class LGM(nn.Module):
         apply; once differentiable: use ``None`` for a ``create_graph=True`` backward);
         ``"auto"``: plain up to :func:`marginloss.fused.plain_path_elements` logits, else
         :func:`marginloss.fused.default_chunk_size`.  Both paths trace under
-        ``torch.compile(fullgraph=True)``.
+        ``torch.compile(fullgraph=True)`` (single process).  Class-sharded, the chunked path
+        always runs (``None``: one block of the local classes).
+    process_group : ProcessGroup, optional
+        Shard the classes over this group, as :class:`~marginloss.MarginHead` does (see
+        :mod:`marginloss.distributed`): this rank holds rows ``[shard_start, shard_start +
+        shard_size)`` of ``means`` and ``log_variance`` (:func:`marginloss.distributed.shard_range`,
+        initialised with the bound of the full matrix from a stream of each rank's own, the
+        ``state_dict`` adding the buffer ``shard_layout``), ``num_classes`` stays the total
+        and ``forward`` returns, on every rank, the loss of the global batch gathered from
+        all ranks, with exact gradients.  :meth:`logits` covers the local classes only.
+    sample_rate : float, default 1.0
+        PartialFC: the fraction of each shard's classes kept per training step, in
+        ``(0, 1]`` (the batch's classes are always kept; the softmax and label smoothing
+        are then over the kept classes).  Below 1 the buffer ``sample_step`` counts steps.
+    sample_seed : int, default 0
+        Seeds the PartialFC draw together with the rank and the step.
     device, dtype : optional
         Where and how the parameters are created: ``means`` ``[C, D]``, the class means
         :math:`\mu_k` (Xavier-uniform, as the TensorFlow demo), and for
@@ -378,7 +602,7 @@ class LGM(nn.Module):
 
     Shape:
         - embeddings: ``[B, embedding_dim]``, labels: ``[B]`` int64
-        - output: scalar, or ``[B]`` if ``reduction="none"``
+        - output: scalar, or ``[B]`` if ``reduction="none"`` (the global batch when sharded)
 
     Examples
     --------
@@ -394,6 +618,8 @@ class LGM(nn.Module):
     """
 
     log_variance: Tensor | None
+    sample_step: Tensor
+    shard_layout: Tensor
 
     def __init__(
         self,
@@ -407,12 +633,20 @@ class LGM(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         chunk_size: ChunkSize = "auto",
+        process_group: ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        sample_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.embedding_dim = V.check_positive_int("embedding_dim", embedding_dim)
         self.num_classes = V.check_positive_int("num_classes", num_classes)
+        self.sample_rate = V.check_float("sample_rate", sample_rate, low=0.0, high=1.0, low_open=True)
+        self.sample_seed = V.check_int64("sample_seed", sample_seed)
+        self.process_group = process_group
+        self.world_size, self.rank = sharding.world(process_group)
+        self.shard_start, self.shard_size = sharding.shard_range(num_classes, self.world_size, self.rank)
         self.alpha = _check_alpha(alpha)
         self.lambda_lkd = _check_lambda(lambda_lkd)
         self.covariance = V.check_choice("covariance", covariance, COVARIANCES)
@@ -420,16 +654,29 @@ class LGM(nn.Module):
         self.label_smoothing = V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
         self.ignore_index = V.check_int64("ignore_index", ignore_index)
         self.chunk_size = V.check_chunk_size(chunk_size)
-        self.means = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
+        rows = self.shard_size
+        self.means = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
         if self.covariance == "diagonal":
-            self.log_variance = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
+            self.log_variance = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
         else:
             self.register_parameter("log_variance", None)
+        if process_group is not None:
+            layout = [num_classes, self.world_size, self.shard_start, self.shard_size]
+            self.register_buffer("shard_layout", torch.tensor(layout, device=self.means.device))
+        if process_group is not None or self.sample_rate < 1.0:
+            self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64, device=self.means.device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform means (the TensorFlow demo's initialiser), unit variances."""
-        nn.init.xavier_uniform_(self.means)
+        """Xavier-uniform means (the TensorFlow demo's initialiser), unit variances.
+
+        A class-sharded head draws its rows with the bound of the full ``[C, D]`` matrix,
+        from a random stream of each rank's own (as :class:`~marginloss.MarginHead`).
+        """
+        if self.process_group is not None:
+            sharding.init_shard_(self.means, self.num_classes, self.rank)
+        else:
+            nn.init.xavier_uniform_(self.means)
         if self.log_variance is not None:
             nn.init.zeros_(self.log_variance)
 
@@ -437,20 +684,41 @@ class LGM(nn.Module):
         return {"alpha": self.alpha, "lambda_lkd": self.lambda_lkd, "covariance": self.covariance}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The loss of a batch: ``embeddings`` ``[B, D]``, ``labels`` ``[B]`` class indices."""
-        V.check_embeddings(embeddings, self.embedding_dim)
-        return lgm(
+        """The loss of a batch: ``embeddings`` ``[B, D]``, ``labels`` ``[B]`` class indices
+        (this rank's rows when class-sharded; the loss is then that of the global batch).
+
+        Every check runs inside the loss, so that on a sharded head a bad input on one rank
+        raises the same error on every rank instead of stranding the others.
+        """
+        sampling = self.training and self.sample_rate < 1.0
+        replay = fused.replaying_forward()
+        step = 0
+        if sampling:
+            # A replay (activation checkpointing) draws what its first pass drew.
+            step = int(self.sample_step) - (1 if replay else 0)
+        loss = _lgm_loss(
             embeddings, self.means, labels, log_variance=self.log_variance, alpha=self.alpha,
             lambda_lkd=self.lambda_lkd, reduction=self.reduction, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index, chunk_size=self.chunk_size, num_classes=self.num_classes,
+            process_group=self.process_group, sample_rate=self.sample_rate if sampling else 1.0,
+            sample_seed=self.sample_seed, sample_step=step, embedding_dim=self.embedding_dim,
         )
+        if sampling and not replay:
+            self.sample_step.add_(1)
+        return loss
 
     def logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         r"""``[B, C]`` logits: without ``labels`` the inference logits
         :math:`-\tfrac12 d_{ik} - \tfrac12\log\lvert\Lambda_k\rvert` (the log-posterior up to a
         row constant: their argmax is the most likely class), with ``labels`` the training
-        logits (margin on the target).  Materialises ``[B, C]``."""
+        logits (margin on the target).  Materialises ``[B, C]``.  On a class-sharded head
+        the inference logits cover this rank's classes only (columns ``shard_start`` on)."""
         V.check_embeddings(embeddings, self.embedding_dim)
+        if labels is not None and self.process_group is not None:
+            raise ValueError(
+                f"logits(embeddings, labels) needs every class, but this class-sharded head holds "
+                f"classes [{self.shard_start}, {self.shard_start + self.shard_size}) only: use forward for the loss"
+            )
         return lgm_logits(
             embeddings, self.means, labels, log_variance=self.log_variance, alpha=self.alpha,
             ignore_index=self.ignore_index,
@@ -463,4 +731,9 @@ class LGM(nn.Module):
             f"reduction={self.reduction!r}", f"label_smoothing={self.label_smoothing!r}",
             f"ignore_index={self.ignore_index!r}", f"chunk_size={self.chunk_size!r}",
         ]
+        if self.process_group is not None:
+            end = self.shard_start + self.shard_size
+            fields.append(f"process_group=<rank {self.rank} of {self.world_size}, classes [{self.shard_start}, {end})>")
+        if self.sample_rate < 1.0:
+            fields += [f"sample_rate={self.sample_rate!r}", f"sample_seed={self.sample_seed!r}"]
         return ", ".join(fields)
