@@ -1265,7 +1265,9 @@ class _BlockEngine(torch.autograd.Function):
         r64 = weight.index_select(0, cls).to(wide)
         x_norm, r_norm = _row_norms(x64, wide), _row_norms(r64, wide)
         x_inv, r_inv = _reciprocal_or_zero(x_norm), _reciprocal_or_zero(r_norm)
-        cos = ((x64 * r64).sum(dim=1) * (x_inv * r_inv)).clamp_(-1.0, 1.0)
+        # The product's buffer is kept as backward's float64 workspace (fresh pages cost).
+        work = torch.mul(x64, r64)
+        cos = (work.sum(dim=1) * (x_inv * r_inv)).clamp_(-1.0, 1.0)
         w_norm = r_norm
         if owned is not None:
             cos = torch.where(owned, cos, 0.0)
@@ -1297,6 +1299,8 @@ class _BlockEngine(torch.autograd.Function):
             embeddings, weight, labels, owned, scale, inv_norms, xs, z, probs, total,  # type: ignore[arg-type]
             x64, r64, x_inv, r_inv, cos,
         )
+        # Scratch only (backward overwrites it), so not a saved tensor under version checks.
+        ctx.work = work  # type: ignore[attr-defined]
         ctx.cfg = cfg  # type: ignore[attr-defined]
         ctx.gemm = gemm  # type: ignore[attr-defined]
         return stat, rest_sum, cos, x_norm, w_norm
@@ -1315,6 +1319,7 @@ class _BlockEngine(torch.autograd.Function):
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
         (embeddings, weight, labels, owned, scale, inv_norms, xs, z, probs, total,
          x64, r64, x_inv, r_inv, cos) = saved
+        work: Tensor = ctx.work  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             return _dense_double_backward(
@@ -1369,19 +1374,20 @@ class _BlockEngine(torch.autograd.Function):
             if g_cos is not None:
                 extra = -g_cos * cos * x_inv.square()
                 on_x = extra if on_x is None else on_x + extra
-                grad_x.add_((r64 * (g_cos * x_inv * r_inv)[:, None]).addcmul_(x64, on_x[:, None]).to(compute))
+                torch.mul(r64, (g_cos * x_inv * r_inv)[:, None], out=work).addcmul_(x64, on_x[:, None])
+                grad_x.add_(work.to(compute))
             elif on_x is not None:
-                grad_x.add_((x64 * on_x[:, None]).to(compute))
+                grad_x.add_(torch.mul(x64, on_x[:, None], out=work).to(compute))
         if grad_w is not None and (g_cos is not None or g_wn is not None):
             on_r = torch.zeros_like(r_inv)
-            rows_grad = None
             if g_cos is not None:
                 on_r = on_r - g_cos * cos * r_inv.square()
-                rows_grad = x64 * (g_cos * x_inv * r_inv)[:, None]
             if g_wn is not None:
                 on_r = on_r + g_wn * r_inv
-            rows_grad = r64 * on_r[:, None] if rows_grad is None else rows_grad.addcmul_(r64, on_r[:, None])
-            grad_w.index_add_(0, cls, rows_grad.to(compute))
+            torch.mul(r64, on_r[:, None], out=work)
+            if g_cos is not None:
+                work.addcmul_(x64, (g_cos * x_inv * r_inv)[:, None])
+            grad_w.index_add_(0, cls, work.to(compute))
         return (
             None if grad_x is None else grad_x.to(embeddings.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),

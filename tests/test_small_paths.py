@@ -185,3 +185,15 @@ def test_auto_picks_the_documented_path_by_size() -> None:
     finally:
         for name, value in originals.items():
             setattr(fused, name, value)
+
+
+@pytest.mark.parametrize("path", ["wide", "block"])
+def test_backward_twice_with_retain_graph_gives_the_same_gradients(force_path, path) -> None:
+    force_path(path)
+    head = marginloss.ArcFace(6, 7, dtype=torch.float64)
+    x, labels = _problem(torch.float64, seed=5)
+    x.requires_grad_()
+    loss = head(x, labels)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    assert torch.equal(first, second)
