@@ -632,3 +632,381 @@ def sphereface2_rows(
                 total = total + (1.0 - lambd) / scale * torch.log1p(torch.exp(logit))
         rows.append(loss_weight * total)
     return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- plain PyTorch formulas of every head
+# The baselines of the benchmark "Small problems as fast as plain PyTorch": each head's loss as a
+# practitioner writes it from the paper or the official release, vectorised over the batch in
+# the inputs' dtype (F.normalize, F.linear, gather the target column, the margin on it,
+# scatter, F.cross_entropy; the sigmoid-form heads through binary_cross_entropy_with_logits),
+# materialising the [B, C] logits.  ``plain_head_loss`` reads a head's hyperparameters, weight
+# and buffers and returns the loss of ONE training-mode step at the head's current state,
+# advancing that state as the head's training forward does (``update_state=False`` leaves it).
+# Torch calls only: nothing here calls marginloss.  Not covered (NotImplementedError): class
+# sharding and PartialFC sampling; an all-ignored batch gives NaN under "mean" (torch's rule)
+# where the heads give 0.
+
+
+def _plain_labels(head: torch.nn.Module, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(valid, safe)``: the non-ignored rows and labels safe to gather with (ignored -> 0)."""
+    valid = labels != head.ignore_index
+    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+
+
+def _plain_ce(head: torch.nn.Module, logits: Tensor, labels: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits, labels, ignore_index=head.ignore_index, reduction=head.reduction,
+        label_smoothing=head.label_smoothing,
+    )
+
+
+def _plain_reduce(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """Per-row losses reduced as torch's losses do (ignored rows 0 and out of the mean)."""
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / valid.sum()
+
+
+def _plain_add_batch_term(loss: Tensor, term: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """A batch-level term (UniformFace's uniform loss): added to the scalar, or spread evenly over
+    the valid rows with ``reduction="none"``."""
+    if reduction != "none":
+        return loss + term
+    return loss + torch.where(valid, term / valid.sum(), torch.zeros_like(loss))
+
+
+def _plain_cosine(embeddings: Tensor, weight: Tensor) -> Tensor:
+    F = torch.nn.functional
+    return F.linear(F.normalize(embeddings), F.normalize(weight))
+
+
+def _plain_arc(cos_t: Tensor, margin: float | Tensor, easy_margin: bool = False) -> Tensor:
+    """ArcFace's cos(θ + m) on target cosines; past θ + m > π the release's cos θ - m sin m
+    (or, with ``easy_margin``, cos θ where cos θ <= 0)."""
+    theta = torch.acos(cos_t.clamp(-1 + 1e-7, 1 - 1e-7))
+    shifted = torch.cos(theta + margin)
+    if easy_margin:
+        return torch.where(cos_t > 0, shifted, cos_t)
+    sin_m = torch.sin(margin) if isinstance(margin, Tensor) else math.sin(margin)
+    return torch.where(theta + margin <= math.pi, shifted, cos_t - margin * sin_m)
+
+
+def _plain_check(head: torch.nn.Module) -> None:
+    if getattr(head, "process_group", None) is not None or getattr(head, "sample_rate", 1.0) < 1.0:
+        raise NotImplementedError("plain_head_loss covers a single-process head without PartialFC sampling")
+
+
+def _plain_arcface(head, x, labels, update_state):
+    _, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    cos_t = cosine.gather(1, safe[:, None])
+    target = _plain_arc(cos_t, head.margin, head.easy_margin)
+    if head.straight_through:
+        target = cos_t + (target - cos_t).detach()
+    return _plain_ce(head, cosine.scatter(1, safe[:, None], target) * head.scale, labels)
+
+
+def _plain_cosface(head, x, labels, update_state):
+    _, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    cos_t = cosine.gather(1, safe[:, None])
+    return _plain_ce(head, cosine.scatter(1, safe[:, None], cos_t - head.margin) * head.scale, labels)
+
+
+def _plain_normface(head, x, labels, update_state):
+    return _plain_ce(head, _plain_cosine(x, head.weight) * head.scale, labels)
+
+
+def _plain_combined_margin(head, x, labels, update_state):
+    _, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    theta = torch.acos(cosine.gather(1, safe[:, None]).clamp(-1 + 1e-7, 1 - 1e-7))
+    target = torch.cos(head.m1 * theta + head.m2) - head.m3
+    return _plain_ce(head, cosine.scatter(1, safe[:, None], target) * head.scale, labels)
+
+
+def _plain_lambda(head) -> float:
+    """SphereFace / L-Softmax annealing at the head's iteration: max(λ_min, base (1 + γ t)^-p)."""
+    t = int(head.iteration)
+    return max(head.lambda_min, head.lambda_base * (1.0 + head.lambda_gamma * t) ** -head.lambda_power)
+
+
+def _plain_sphereface_rows(head, x, labels, normalize_weight: bool) -> Tensor:
+    """A-Softmax (weights normalised) or L-Softmax (neither) logits, as the Caffe releases'
+    PyTorch ports write them: x·w / (|x||w|) for cos θ, ψ(θ) = (-1)^k cos(mθ) - 2k."""
+    _, safe = _plain_labels(head, labels)
+    weight = torch.nn.functional.normalize(head.weight) if normalize_weight else head.weight
+    x_norm = x.norm(dim=1, keepdim=True)
+    w_norm = weight.norm(dim=1)
+    logits = torch.nn.functional.linear(x, weight)
+    cosine = logits / (x_norm * w_norm)
+    cos_t = cosine.gather(1, safe[:, None])
+    theta = torch.acos(cos_t.clamp(-1 + 1e-7, 1 - 1e-7))
+    m = head.margin
+    k = torch.floor(m * theta.detach() / math.pi).clamp_max(m - 1)
+    psi = (1.0 - 2.0 * torch.remainder(k, 2.0)) * torch.cos(m * theta) - 2.0 * k
+    lam = _plain_lambda(head)
+    target = (lam * cos_t + psi) / (1.0 + lam) * x_norm * w_norm[safe][:, None]
+    return logits.scatter(1, safe[:, None], target)
+
+
+def _plain_sphereface(head, x, labels, update_state):
+    loss = _plain_ce(head, _plain_sphereface_rows(head, x, labels, normalize_weight=True), labels)
+    if update_state:
+        head.iteration.add_(1)
+    return loss
+
+
+def _plain_lsoftmax(head, x, labels, update_state):
+    loss = _plain_ce(head, _plain_sphereface_rows(head, x, labels, normalize_weight=False), labels)
+    if update_state:
+        head.iteration.add_(1)
+    return loss
+
+
+def _plain_uniformface(head, x, labels, update_state):
+    """A-Softmax plus the uniform loss of the class centres after this batch's update
+    c_j <- c_j - α Σ_{i: y_i = j} (c_j - x̂_i) / (1 + n_j): the mean over pairs j ≠ k of
+    1 / (|ĉ_j - ĉ_k| + 1), over all classes (or the batch's classes)."""
+    F = torch.nn.functional
+    loss = _plain_ce(head, _plain_sphereface_rows(head, x, labels, normalize_weight=True), labels)
+    valid, safe = _plain_labels(head, labels)
+    centers = head.centers.to(x.dtype)
+    counts = torch.zeros(centers.shape[0], dtype=x.dtype, device=x.device).index_add(0, safe, valid.to(x.dtype))
+    sums = torch.zeros_like(centers).index_add(0, safe, F.normalize(x) * valid[:, None])
+    new = centers - head.center_lr * (counts[:, None] * centers - sums) / (1.0 + counts[:, None])
+    chosen = new if head.uniform_pairs == "all" else new[torch.unique(safe[valid])]
+    n = chosen.shape[0]
+    unit = F.normalize(chosen)
+    # sqrt(2 - 2 cos) is |ĉ_j - ĉ_k| without a [C, C, D] tensor; the clamp keeps the (masked)
+    # diagonal's sqrt differentiable.
+    distance = (2.0 - 2.0 * unit @ unit.T).clamp_min(1e-24).sqrt()
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    uniform = torch.where(off, 1.0 / (distance + 1.0), torch.zeros_like(distance)).sum() / max(n * (n - 1), 1)
+    if update_state:
+        with torch.no_grad():
+            head.iteration.add_(1)
+            head.centers.copy_(new.detach().to(head.centers.dtype))
+    return _plain_add_batch_term(loss, head.uniform_weight * uniform, valid, head.reduction)
+
+
+def _plain_subcenter_arcface(head, x, labels, update_state):
+    """Sub-center ArcFace: each class's cosine is the max over its K rows (c*K .. c*K + K - 1)."""
+    valid, safe = _plain_labels(head, labels)
+    k = head.num_subcenters
+    cosine = _plain_cosine(x, head.weight).unflatten(1, (-1, k))
+    pooled = cosine.amax(dim=2)
+    target = _plain_arc(pooled.gather(1, safe[:, None]), head.margin)
+    loss = _plain_ce(head, pooled.scatter(1, safe[:, None], target) * head.scale, labels)
+    if update_state:
+        with torch.no_grad():
+            winner = cosine[torch.arange(x.shape[0], device=x.device), safe].argmax(dim=1)
+            head.subcenter_counts.view(-1).index_add_(0, safe * k + winner, valid.long())
+    return loss
+
+
+def _plain_curricularface(head, x, labels, update_state):
+    """The release's forward: t <- 0.01 mean(cos θ_y) + 0.99 t first, then the hard negatives
+    (cos θ_j > cos(θ_y + m)) become cos θ_j (t + cos θ_j) and the target ArcFace's margin."""
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    cos_t = cosine.gather(1, safe[:, None])
+    with torch.no_grad():
+        t = head.t.to(x.dtype)
+        if valid.any():
+            t = head.momentum * cos_t[valid].mean() + (1.0 - head.momentum) * t
+        sin_t = (1.0 - cos_t * cos_t).sqrt()
+        threshold = cos_t * math.cos(head.margin) - sin_t * math.sin(head.margin)
+    modulated = torch.where(cosine > threshold, cosine * (t + cosine), cosine)
+    logits = modulated.scatter(1, safe[:, None], _plain_arc(cos_t, head.margin)) * head.scale
+    if update_state:
+        head.t.copy_(t)
+    return _plain_ce(head, logits, labels)
+
+
+def elasticface_draws(head: torch.nn.Module, batch_size: int, step: int | None = None) -> Tensor:
+    """The ElasticFace head's margin draws for a step (default: the step its next training
+    forward takes), one per row: N(m, σ²) from a CPU ``torch.Generator`` seeded by
+    blake2b("elasticface:{seed}:{step}") (the head's rule, so the two see the same draws)."""
+    import hashlib
+
+    step = int(head.step) if step is None else step
+    digest = hashlib.blake2b(f"elasticface:{head.seed}:{step}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.randn(batch_size, generator=generator, dtype=torch.float64) * head.sigma + head.margin
+
+
+def _plain_elasticface(head, x, labels, update_state, margins=None):
+    """Row i's target is cos(θ_y + m_i) (arc, no fallback, as the release) or cos θ_y - m_i
+    (cos); ElasticFace+ gives the sorted draws to the rows by decreasing target cosine."""
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    cos_t = cosine.gather(1, safe[:, None])
+    if margins is None:
+        margins = elasticface_draws(head, x.shape[0])
+    m = margins.to(device=x.device, dtype=x.dtype)[:, None]
+    if head.plus:
+        with torch.no_grad():
+            order = torch.sort(torch.where(valid, cos_t.squeeze(1), -math.inf), descending=True, stable=True).indices
+            ascending = torch.sort(torch.where(valid, m.squeeze(1), math.inf), stable=True).values
+            m = torch.empty_like(ascending).scatter(0, order, ascending)
+            m = torch.where(valid, m, torch.full_like(m, head.margin))[:, None]
+    if head.kind == "arc":
+        target = torch.cos(torch.acos(cos_t.clamp(-1 + 1e-7, 1 - 1e-7)) + m)
+    else:
+        target = cos_t - m
+    if update_state:
+        head.step.add_(1)
+    return _plain_ce(head, cosine.scatter(1, safe[:, None], target) * head.scale, labels)
+
+
+def _plain_magface(head, x, labels, update_state):
+    """The release: a = clamp(|x|, l_a, u_a), m(a) linear from l_m to u_m, ArcFace's easy
+    margin, plus λ_g (1/a + a/u_a²) per sample."""
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    cos_t = cosine.gather(1, safe[:, None])
+    a = x.norm(dim=1, keepdim=True).clamp(head.l_a, head.u_a)
+    m = (head.u_m - head.l_m) / (head.u_a - head.l_a) * (a - head.l_a) + head.l_m
+    target = _plain_arc(cos_t, m, head.easy_margin)
+    loss = _plain_ce(head, cosine.scatter(1, safe[:, None], target) * head.scale, labels)
+    g = (1.0 / a + a / head.u_a**2).squeeze(1)
+    regularizer = _plain_reduce(g, valid, head.reduction)
+    return loss + head.lambda_g * regularizer
+
+
+def _plain_adaface(head, x, labels, update_state):
+    """The release: norms clipped to [0.001, 100] (no gradient), their batch mean and std into
+    the EMA first, margin scaler ẑ = clip(h (|x| - μ) / (σ + eps), -1, 1), target
+    cos(clip(θ - m ẑ, eps, π - eps)) - (m + m ẑ)."""
+    eps = 1e-3
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    with torch.no_grad():
+        norms = x.norm(dim=1, keepdim=True).clamp(0.001, 100)
+        mean, std = head.batch_mean.to(x.dtype), head.batch_std.to(x.dtype)
+        if int(valid.sum()) >= 2:
+            mean = head.t_alpha * norms[valid].mean() + (1 - head.t_alpha) * mean
+            std = head.t_alpha * norms[valid].std() + (1 - head.t_alpha) * std
+        scaler = ((norms - mean) / (std + eps) * head.h).clamp(-1, 1)
+    theta = torch.acos(cosine.gather(1, safe[:, None]).clamp(-1 + eps, 1 - eps))
+    theta_m = (theta - head.margin * scaler).clamp(eps, math.pi - eps)
+    target = torch.cos(theta_m) - (head.margin + head.margin * scaler)
+    if update_state:
+        head.batch_mean.copy_(mean)
+        head.batch_std.copy_(std)
+    return _plain_ce(head, cosine.scatter(1, safe[:, None], target) * head.scale, labels)
+
+
+def _plain_adacos(head, x, labels, update_state):
+    """Cosine softmax at the head's scale; then (dynamic) the paper's update from this batch,
+    s <- log(B_avg) / cos(min(π/4, θ_med)), which applies from the next step (the head's rule)."""
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    scale = head.scale.detach().to(x.dtype).clone()  # the step keeps the scale it used
+    loss = _plain_ce(head, cosine * scale, labels)
+    if update_state and head.dynamic and bool(valid.any()):
+        with torch.no_grad():
+            one_hot = torch.zeros_like(cosine, dtype=torch.bool).scatter(1, safe[:, None], True)
+            b_avg = torch.where(one_hot, 0.0, torch.exp(scale * cosine))[valid].sum(dim=1).mean()
+            theta_med = torch.median(torch.acos(cosine.gather(1, safe[:, None]).clamp(-1, 1))[valid])
+            new = torch.log(b_avg) / torch.cos(theta_med.clamp_max(math.pi / 4))
+            if bool(torch.isfinite(new)) and float(new) > 0:
+                head.scale.copy_(new)
+    return loss
+
+
+def _plain_uniface(head, x, labels, update_state):
+    """The release's unified cross entropy: softplus(-(s(cos θ_y - m) + b)) + λ Σ_{j≠y}
+    softplus(s cos θ_j + b), as per-class binary cross entropy with logits (without the
+    release's clamp of each logit to [-s, s], which changes only terms beyond e^±s)."""
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight)
+    cos_t = cosine.gather(1, safe[:, None])
+    logits = cosine.scatter(1, safe[:, None], cos_t - head.margin) * head.scale + head.bias
+    one_hot = torch.zeros_like(cosine).scatter(1, safe[:, None], 1.0)
+    weight = torch.where(one_hot > 0, 1.0, head.negative_weight).to(x.dtype)
+    rows = torch.nn.functional.binary_cross_entropy_with_logits(logits, one_hot, weight=weight, reduction="none").sum(1)
+    return _plain_reduce(rows, valid, head.reduction)
+
+
+def _plain_sphereface2(head, x, labels, update_state):
+    """The OpenSphere release: g(c) = 2((c + 1)/2)^t - 1 and the margin computed without
+    gradient (cos + d), logits s (cos θ + d) + b, class-weighted binary cross entropy times
+    lw / s (λ on the target, 1 - λ on the others)."""
+    valid, safe = _plain_labels(head, labels)
+    cosine = _plain_cosine(x, head.weight).clamp(-1, 1)
+    one_hot = torch.zeros_like(cosine).scatter(1, safe[:, None], 1.0)
+    m, t, s = head.margin, head.t, float(head.scale)
+
+    def adjusted(cos: Tensor) -> Tensor:
+        if head.variant == "C":
+            return 2.0 * ((cos + 1.0) / 2.0) ** t - 1.0 - m * (2.0 * one_hot - 1.0)
+        theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+        shifted = torch.where(one_hot > 0, torch.cos((theta + m).clamp_max(math.pi)), cos)
+        return 2.0 * ((shifted + 1.0) / 2.0) ** t - 1.0
+
+    if head.straight_through:
+        with torch.no_grad():
+            delta = adjusted(cosine) - cosine
+        logits = s * (cosine + delta) + head.bias
+    else:
+        logits = s * adjusted(cosine) + head.bias
+    weight = (head.lambd * one_hot + (1.0 - head.lambd) * (1.0 - one_hot)) * (head.loss_weight / s)
+    rows = torch.nn.functional.binary_cross_entropy_with_logits(logits, one_hot, weight=weight, reduction="none").sum(1)
+    return _plain_reduce(rows, valid, head.reduction)
+
+
+PLAIN_FORMULAS = {
+    "adacos": _plain_adacos,
+    "adaface": _plain_adaface,
+    "arcface": _plain_arcface,
+    "combined_margin": _plain_combined_margin,
+    "cosface": _plain_cosface,
+    "curricularface": _plain_curricularface,
+    "elasticface": _plain_elasticface,
+    "lsoftmax": _plain_lsoftmax,
+    "magface": _plain_magface,
+    "normface": _plain_normface,
+    "sphereface": _plain_sphereface,
+    "sphereface2": _plain_sphereface2,
+    "subcenter_arcface": _plain_subcenter_arcface,
+    "uniface": _plain_uniface,
+    "uniformface": _plain_uniformface,
+}
+"""The registered head names ``plain_head_loss`` covers, each with its plain formula."""
+
+PLAIN_HEAD_CLASSES = {
+    "AdaCos": "adacos", "AdaFace": "adaface", "ArcFace": "arcface", "CombinedMargin": "combined_margin",
+    "CosFace": "cosface", "CurricularFace": "curricularface", "ElasticFace": "elasticface",
+    "LSoftmax": "lsoftmax", "MagFace": "magface", "NormFace": "normface", "SphereFace": "sphereface",
+    "SphereFace2": "sphereface2", "SubCenterArcFace": "subcenter_arcface", "UniFace": "uniface",
+    "UniformFace": "uniformface",
+}
+"""Head class name -> registered name (exact classes: a subclass may change the math)."""
+
+
+def plain_head_loss(
+    head: torch.nn.Module, embeddings: Tensor, labels: Tensor, *, update_state: bool = True,
+    margins: Tensor | None = None,
+) -> Tensor:
+    """The plain PyTorch loss of ``head`` for one training-mode step at its current state.
+
+    Dispatches on the head's class (:data:`PLAIN_HEAD_CLASSES`) to its formula in
+    :data:`PLAIN_FORMULAS`, reading the hyperparameters, ``weight``, ``bias`` and buffers
+    as they are now; stateful heads (SphereFace / L-Softmax / UniformFace iteration and
+    centres, CurricularFace ``t``, AdaFace's EMA, AdaCos's scale, ElasticFace's step,
+    SubCenterArcFace's counts) are advanced as the head's training forward advances them
+    unless ``update_state=False``.  ``margins`` (ElasticFace only, ``[B]``) replaces the draws
+    :func:`elasticface_draws` gives for the head's current step.
+    """
+    name = PLAIN_HEAD_CLASSES.get(type(head).__name__)
+    if name is None:
+        raise NotImplementedError(f"no plain formula for {type(head).__qualname__}; covered: {sorted(PLAIN_HEAD_CLASSES)}")
+    _plain_check(head)
+    if name == "elasticface":
+        return _plain_elasticface(head, embeddings, labels, update_state, margins)
+    if margins is not None:
+        raise ValueError(f"margins is for ElasticFace only, got a {type(head).__name__}")
+    return PLAIN_FORMULAS[name](head, embeddings, labels, update_state)
