@@ -355,6 +355,23 @@ class MarginHead(nn.Module):
             cosine = cosine.unflatten(1, (-1, self.num_subcenters)).amax(dim=2)
         return cosine
 
+    def _normalized_logits(self, embeddings: Tensor) -> Tensor:
+        """:math:`s\cos\theta_{ij}` (+ bias) in as few operations as :meth:`cosine`: the
+        scale folded into the embeddings' normalisation."""
+        V.check_embeddings(embeddings, self.embedding_dim)
+        compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
+        x = embeddings.to(compute)
+        w = self.weight.to(compute)
+        scale = self.scale.to(torch.float64) if isinstance(self.scale, Tensor) else self.scale
+        x_factor = fused.safe_reciprocal(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)) * scale
+        w = w * fused.safe_reciprocal(torch.linalg.vector_norm(w, dim=1))[:, None]
+        logits: Tensor = (x * x_factor.to(compute)[:, None]) @ w.T
+        if self.num_subcenters > 1:
+            logits = logits.unflatten(1, (-1, self.num_subcenters)).amax(dim=2)
+        if self.bias is not None:
+            logits = logits + self.bias.to(compute)
+        return logits
+
     def _radius(self, embeddings: Tensor, cosine: Tensor) -> Tensor:
         x_norm = torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float64).to(cosine.dtype)
         scale = self.scale.to(cosine.dtype) if isinstance(self.scale, Tensor) else self.scale
@@ -381,6 +398,8 @@ class MarginHead(nn.Module):
                 f"classes [{self.shard_start}, {self.shard_start + self.shard_size}) only: use forward "
                 f"for the loss, or marginloss.distributed.gather_weight for the full weight"
             )
+        if labels is None and type(self).normalize_embeddings and type(self).normalize_weight:
+            return self._normalized_logits(embeddings)
         cosine = self.cosine(embeddings)
         radius = self._radius(embeddings, cosine)
         bias = 0.0 if self.bias is None else self.bias.to(cosine.dtype)
