@@ -356,7 +356,7 @@ class MarginHead(nn.Module):
         return cosine
 
     def _normalized_logits(self, embeddings: Tensor) -> Tensor:
-        """:math:`s\cos\theta_{ij}` (+ bias) in as few operations as :meth:`cosine`: the
+        r""":math:`s\cos\theta_{ij}` (+ bias) in as few operations as :meth:`cosine`: the
         scale folded into the embeddings' normalisation."""
         V.check_embeddings(embeddings, self.embedding_dim)
         compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
