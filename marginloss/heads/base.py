@@ -31,6 +31,7 @@ first pass used (see :func:`marginloss.fused.replaying_forward`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -43,6 +44,9 @@ from marginloss.fused import ChunkSize, MarginContext
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+# Norms in this range have float32 squares that neither overflow nor turn subnormal.
+_SAFE_NORMS = (1e-15, 1e15)
 
 __all__ = ["MarginContext", "MarginHead", "create_head", "list_heads", "register_head"]
 
@@ -356,16 +360,29 @@ class MarginHead(nn.Module):
         return cosine
 
     def _normalized_logits(self, embeddings: Tensor) -> Tensor:
-        r""":math:`s\cos\theta_{ij}` (+ bias) in as few operations as :meth:`cosine`: the
-        scale folded into the embeddings' normalisation."""
-        V.check_embeddings(embeddings, self.embedding_dim)
+        r""":math:`s\cos\theta_{ij}` (+ bias) in about as many operations as the plain formula.
+
+        The embedding norms are float32 when every row's norm lies where float32 squares
+        neither overflow nor lose bits to subnormals (read with the value check, on the CPU
+        or with validation on), float64 otherwise; the scale is folded into them.
+        """
+        V.check_embeddings(embeddings, self.embedding_dim, check_values=False)
         compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         x = embeddings.to(compute)
         w = self.weight.to(compute)
-        scale = self.scale.to(torch.float64) if isinstance(self.scale, Tensor) else self.scale
-        x_factor = fused.safe_reciprocal(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)) * scale
+        norms = torch.linalg.vector_norm(x, dim=1)
+        safe_range = False
+        if x.numel() and (x.device.type == "cpu" or V.values_checked(x)) and not torch.compiler.is_compiling():
+            low, high = (float(v) for v in torch.aminmax(norms))
+            if not math.isfinite(high):
+                V.check_embeddings(embeddings, self.embedding_dim)  # names NaN/inf entries
+            safe_range = _SAFE_NORMS[0] <= low and high <= _SAFE_NORMS[1]
+        if not safe_range:
+            norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        scale = self.scale.to(norms.dtype) if isinstance(self.scale, Tensor) else self.scale
+        x_factor = (fused.safe_reciprocal(norms) * scale).to(compute)
         w = w * fused.safe_reciprocal(torch.linalg.vector_norm(w, dim=1))[:, None]
-        logits: Tensor = (x * x_factor.to(compute)[:, None]) @ w.T
+        logits: Tensor = (x * x_factor[:, None]) @ w.T
         if self.num_subcenters > 1:
             logits = logits.unflatten(1, (-1, self.num_subcenters)).amax(dim=2)
         if self.bias is not None:
