@@ -28,12 +28,18 @@ Paths (``chunk_size``):
   than one ``[B, chunk]`` block beyond the bounded cache of kept blocks
   (:func:`set_backward_cache_bytes`); weight rows are normalised on the fly and
   ``weight.grad`` is written chunk by chunk.
-* ``"auto"``: the plain path when the ``[B, C]`` logits are small (at most
-  :func:`plain_path_elements` entries, where one fused GEMM beats the per-chunk work),
-  else the chunked engine with :func:`default_chunk_size`.  Both give the same values and
-  gradients (to rounding) and both are twice differentiable: a ``create_graph=True``
-  backward through the chunked engine recomputes the logits with plain autograd (holding
-  ``[B, C]`` for that backward only).
+* ``"auto"``, by size.  At most ``2**21`` multiply-adds in ``x·Wᵀ`` (``B·C·K·D``; B=32,
+  D=128 up to C=512): everything in float64 from one GEMM, the target cosine read off the
+  same product (``_DenseEngine``, closed form, for the plain margin softmax; plain
+  autograd for the other configurations); there a step costs its number of operations, so
+  it is kept to about the plain PyTorch formula's.  At most :func:`plain_path_elements`
+  logits: one ``[B, C]`` block with a closed-form backward and the float64 gathered-rows
+  target (``_BlockEngine``; plain autograd for the other configurations).  Above:
+  the chunked engine with :func:`default_chunk_size`.  Under autocast the small problems
+  take the block or plain path (their GEMM follows autocast).  Every path gives the same
+  values and gradients (to rounding) and every one is twice differentiable: a
+  ``create_graph=True`` backward through a closed-form path recomputes the step with
+  plain autograd (holding ``[B, C]`` for that backward only).
 
 Class-sharded runs use the same Function: each rank computes the statistics of its shard,
 the row statistics are combined by O(B) all-reduces, and the target cosine comes from the
@@ -112,10 +118,11 @@ _cache_bytes = _DEFAULT_CACHE_BYTES
 
 
 def plain_path_elements() -> int:
-    """Up to how many ``[B, C]`` logits ``chunk_size="auto"`` runs the plain path (2**18).
+    """Up to how many ``[B, C]`` logits ``chunk_size="auto"`` computes one block (2**18).
 
     Below this size one ``[B, C]`` block costs at most 1 MiB of float32 and a single fused
-    GEMM is faster than the chunked engine's per-chunk work; above it ``"auto"`` chunks.
+    GEMM is faster than the chunked engine's per-chunk work; above it ``"auto"`` chunks
+    (see the module docstring for the smaller, all-float64 regime below it).
 
     Examples
     --------
