@@ -114,6 +114,8 @@ _PLAIN_ELEMENTS = 1 << 18
 # from one GEMM (its cost is then the number of operations, not their width).
 _WIDE_MACS = 1 << 21
 _DEFAULT_CACHE_BYTES = 64 << 20
+# A placeholder the context holds until the engine has computed the norms.
+_UNSET = torch.empty(0)
 _cache_bytes = _DEFAULT_CACHE_BYTES
 
 
@@ -1996,10 +1998,13 @@ def margin_loss(
         # With value checks off (and labels off the CPU), a label outside [0, C) that is
         # not ignore_index makes its row NaN: never another class's loss.
         bad = ~in_range & ~ignored
-    safe = torch.where(valid, labels_global, 0)
+    # On the CPU (no synchronisation) knowing that no row is ignored saves a few masking
+    # operations per call, which is what a small problem's time is made of.
+    all_valid = bad is None and labels_global.device.type == "cpu" and bool(valid.all())
+    safe = labels_global if all_valid else torch.where(valid, labels_global, 0)
     if group is None:
         owned = valid
-        local = torch.where(valid, labels_global, -1)
+        local = labels_global if all_valid else torch.where(valid, labels_global, -1)
     else:
         start, _ = sharding.shard_range(total_classes, world_size, rank)
         local = safe - start
@@ -2025,7 +2030,7 @@ def margin_loss(
 
     replay = replaying_forward()
     context = MarginContext(
-        labels=safe, valid=valid, embedding_norms=torch.empty(0), weight_norms=torch.empty(0),
+        labels=safe, valid=valid, embedding_norms=_UNSET, weight_norms=_UNSET,
         training=training, update_state=update_state and not replay, num_classes=classes, scale=scale_value,
     )
     frozen: MarginContext | None = None
@@ -2090,8 +2095,7 @@ def margin_loss(
     # On the CPU, knowing that no row is ignored saves a few masking operations per call.
     # "auto" up to plain_path_elements(): the plain margin softmax as one closed-form block.
     block = plain and checked.chunk == "auto" and cfg.simple
-    # On the CPU, knowing that no row is ignored saves a few masking operations per call.
-    every_row = (wide or block) and bad is None and labels_global.device.type == "cpu" and bool(valid.all())
+    every_row = (wide or block) and all_valid
     if wide:
         with _autocast_off(x_global.device):
             if cfg.simple:
