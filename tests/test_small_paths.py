@@ -197,3 +197,14 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients(force_path, p
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
     (second,) = torch.autograd.grad(loss, x)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_batch_gives_a_zero_loss_on_the_default_path(reduction) -> None:
+    head = marginloss.ArcFace(6, 7, reduction=reduction)
+    x = torch.zeros(0, 6, requires_grad=True)
+    loss = head(x, torch.zeros(0, dtype=torch.int64))
+    if reduction == "none":
+        assert loss.shape == (0,)
+    else:
+        assert float(loss) == 0.0
