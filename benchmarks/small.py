@@ -99,7 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--marginloss-tree", type=Path, default=None,
+                        help="import marginloss from this source tree (e.g. a git worktree of an older "
+                             "commit) to measure it against the same plain formulas")
     return parser
+
+
+def _plain_formulas() -> Any:
+    """``tests/reference.py`` of this tree, loaded by path (it imports only torch), so the
+    plain formulas stay this tree's whichever marginloss is measured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_reference", REPO / "tests" / "reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------- one configuration
@@ -126,8 +141,8 @@ def _plain_logits(head: Any, x: torch.Tensor) -> torch.Tensor:
 
 def _steps(head_name: str, batch: int, dim: int, classes: int, seed: int, plain_max: int) -> dict[str, Callable[[], Any]]:
     import marginloss
-    from tests.reference import plain_head_loss
 
+    plain_head_loss = _plain_formulas().plain_head_loss
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dim, generator=gen).requires_grad_(True)
     labels = torch.randint(0, classes, (batch,), generator=gen)
@@ -320,7 +335,11 @@ def _commit() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.path.insert(0, str(REPO))
+    if args.marginloss_tree is not None:
+        sys.path.insert(0, str(args.marginloss_tree.resolve()))
     import marginloss
+
+    print(f"marginloss from {Path(marginloss.__file__).parent}", flush=True)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python benchmarks/small.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "finished": _dt.datetime.now().isoformat(timespec="seconds"),
         "commit": _commit(),
+        "marginloss_tree": str(args.marginloss_tree) if args.marginloss_tree else None,
         "machine": f"{M.cpu_model()}, {os.cpu_count()} logical cores",
         "threads": torch.get_num_threads(),
         "results": results,

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/heads.py: a tiny run writes well-formed results (no timing checks)."""
+"""Smoke tests of the benchmark scripts: tiny runs write well-formed results (no timing checks)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,24 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path: Path) -> None:
 
     png = (tmp_path / "cpu-quick.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+@pytest.mark.slow
+def test_small_problem_sweep_writes_every_method_and_ratio(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "small.py"), "--quick", "--heads", "arcface,subcenter_arcface",
+        "--classes", "10", "--out", str(tmp_path), "--threads", "1",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "cpu-small-quick.json").read_text())
+    assert sorted(r["head"] for r in report["results"]) == ["arcface", "subcenter_arcface"]
+    for result in report["results"]:
+        assert result["error"] is None, result["error"]
+        assert set(result["time_ms"]) == {"marginloss", "plain", "gemm", "logits", "plain_logits"}
+        assert all(value > 0 for value in result["time_ms"].values())
+        for key in ("vs_plain", "vs_floor", "logits_vs_plain"):
+            assert result[key] is not None and result[key] > 0
+    markdown = (tmp_path / "cpu-small-quick.md").read_text()
+    assert "marginloss ÷ plain PyTorch formula, B=32, D=128" in markdown
+    assert (tmp_path / "cpu-small-quick.png").read_bytes().startswith(b"\x89PNG")
