@@ -1301,15 +1301,19 @@ def _reciprocal_or_zero(norm: Tensor) -> Tensor:
 
 
 class _BlockEngine(torch.autograd.Function):
-    r"""The plain margin softmax of a mid-sized problem as one ``[B, C]`` block, closed form.
+    r"""A mid-sized problem as one ``[B, C·K]`` block with a closed-form backward.
 
-    What :class:`_MarginEngine` computes with a single chunk, with fewer passes: the logits
-    :math:`z = (s\,x/\lVert x\rVert) W^\top` scaled by :math:`1/\lVert w_j\rVert` in the
-    compute dtype (the GEMMs follow autocast), their exponentials kept for backward, and the
-    target cosine from the gathered rows in float64 (kept for backward too: O(B·D)).
-    Backward: :math:`G = \partial L/\partial z`, two GEMMs, the weight normalisation's
-    radial term :math:`\sum_i G_{ij} z_{ij}` from the block, the embedding normalisation
-    and the float64 target terms on ``[B, D]``.  Only for ``cfg.simple``; double backward
+    What :class:`_MarginEngine` computes with a single chunk, in fewer passes: the block
+    :math:`z^0 = (s\,x/\lVert x\rVert) W^\top` scaled by :math:`1/\lVert w_j\rVert` in the
+    compute dtype (the GEMMs follow autocast); the class logits (max over each class's
+    ``K`` sub-centres, the non-target transform :math:`s\,g(z/s)`, the bias); their
+    exponentials (softmax form) or the logits (sigmoid form) kept for backward; the target
+    cosine from the gathered winning rows in float64 (the winning sub-centre read off the
+    block).  Backward: :math:`G = \partial L/\partial z` through the transform's slope back
+    to the block, two GEMMs, the weight normalisation's radial term
+    :math:`\sum_i G_{ij} z^0_{ij}` from the block, the embedding normalisation and the
+    float64 target terms on ``[B, D]``; the scale's and the bias's gradients from the block.
+    Needs normalised weights with sub-centres (every such head has them).  Double backward
     recomputes with plain autograd.
     """
 
@@ -1321,6 +1325,7 @@ class _BlockEngine(torch.autograd.Function):
         labels: Tensor,
         owned: Tensor | None,
         scale: Tensor | None,
+        bias: Tensor | None,
         inv_norms: Tensor | None,
         cfg: _Config,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -1328,12 +1333,31 @@ class _BlockEngine(torch.autograd.Function):
         compute = _compute_dtype(embeddings, weight)
         gemm = _gemm_dtype(embeddings.device, compute)
         wide = _wide_dtype(embeddings.device)
+        k = cfg.num_subcenters
         cls = labels.clamp_min(0)
         column = cls[:, None]
         x64 = embeddings.to(wide)
-        r64 = weight.index_select(0, cls).to(wide)
-        x_norm, r_norm = _row_norms(x64, wide), _row_norms(r64, wide)
-        x_inv, r_inv = _reciprocal_or_zero(x_norm), _reciprocal_or_zero(r_norm)
+        x_norm = _row_norms(x64, wide)
+        x_inv = _reciprocal_or_zero(x_norm)
+        s = cfg.scale if scale is None else scale.to(wide)
+        row_factor = (x_inv * s) if cfg.normalize_embeddings else None
+        x = embeddings.to(compute)
+        xs = x * (row_factor.to(compute)[:, None] if row_factor is not None else s)
+        with _autocast_off(embeddings.device):
+            z0 = torch.mm(xs.to(gemm), weight.to(gemm).T).to(compute)
+        if cfg.normalize_weight:
+            assert inv_norms is not None
+            z0.mul_(inv_norms)
+        winner = None
+        index = cls
+        if k > 1:
+            # The target's winning sub-centre is the largest of its K block entries (the
+            # block is x̂·ŵ times a per-row factor); its cosine is then taken in float64.
+            candidates = cls[:, None] * k + torch.arange(k, device=cls.device)
+            index = candidates.gather(1, z0.gather(1, candidates).argmax(dim=1, keepdim=True)).squeeze(1)
+        r64 = weight.index_select(0, index).to(wide)
+        r_norm = _row_norms(r64, wide)
+        r_inv = _reciprocal_or_zero(r_norm)
         # The product's buffer is kept as backward's float64 workspace (fresh pages cost).
         work = torch.mul(x64, r64)
         cos = (work.sum(dim=1) * (x_inv * r_inv)).clamp_(-1.0, 1.0)
@@ -1341,32 +1365,42 @@ class _BlockEngine(torch.autograd.Function):
         if owned is not None:
             cos = torch.where(owned, cos, 0.0)
             w_norm = torch.where(owned, r_norm, 0.0)
-        s = cfg.scale if scale is None else scale.to(wide)
-        row_factor = (x_inv * s) if cfg.normalize_embeddings else None
-        x = embeddings.to(compute)
-        xs = x * (row_factor.to(compute)[:, None] if row_factor is not None else s)
-        with _autocast_off(embeddings.device):
-            z = torch.mm(xs.to(gemm), weight.to(gemm).T).to(compute)
-        if cfg.normalize_weight:
-            assert inv_norms is not None
-            z.mul_(inv_norms)
+        if cfg.prepare is not None:
+            cfg.prepare(cos, x_norm, w_norm)
+        # The class logits (a new tensor unless the block is used as it is).
+        z = z0
+        if k > 1:
+            z, winner = z0.unflatten(1, (-1, k)).max(dim=2)
+        unit = None
+        if cfg.non_target is not None:
+            unit = z / cfg.scale
+            z = (cfg.scale * cfg.non_target(unit)).to(compute)
+        if cfg.bias is not None:
+            z = z + cfg.bias.to(compute)
         at_target = z.gather(1, column)
         if owned is None:
-            masked = z.scatter(1, column, -math.inf)
+            kept_target = at_target.squeeze(1)
         else:
-            masked = z.scatter(1, column, torch.where(owned[:, None], -math.inf, at_target))
+            kept_target = torch.where(owned, at_target.squeeze(1), 0.0)
         if cfg.label_smoothing > 0.0:
-            rest_sum = (z.sum(dim=1) - at_target.squeeze(1) if owned is None else
-                        z.sum(dim=1) - torch.where(owned, at_target.squeeze(1), 0.0)).to(wide)
+            rest_sum = (z.sum(dim=1) - kept_target).to(wide)
         else:
             rest_sum = torch.zeros_like(x_norm)
-        row_max = masked.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(compute).min)
-        probs = _flushed_exp_(masked.sub_(row_max))
-        total = probs.sum(dim=1).to(wide)
-        stat = total.log().add_(row_max.squeeze(1))
+        if cfg.form == "softmax":
+            excluded = -math.inf if owned is None else torch.where(owned[:, None], -math.inf, at_target)
+            masked = z.scatter(1, column, excluded)
+            row_max = masked.amax(dim=1, keepdim=True).clamp_min_(torch.finfo(compute).min)
+            kept = _flushed_exp_(masked.sub_(row_max))
+            total = kept.sum(dim=1).to(wide)
+            stat = total.log().add_(row_max.squeeze(1))
+        else:
+            terms = softplus(z)
+            at_terms = terms.gather(1, column).squeeze(1)
+            stat = (terms.sum(dim=1) - (at_terms if owned is None else torch.where(owned, at_terms, 0.0))).to(wide)
+            kept, total = z, stat
         ctx.save_for_backward(
-            embeddings, weight, labels, owned, scale, inv_norms, xs, z, probs, total,  # type: ignore[arg-type]
-            x64, r64, x_inv, r_inv, cos,
+            embeddings, weight, labels, owned, scale, bias, inv_norms, xs, z0, z, kept, total,  # type: ignore[arg-type]
+            x64, r64, x_inv, r_inv, cos, index, winner, unit,  # type: ignore[arg-type]
         )
         # Scratch only (backward overwrites it), so not a saved tensor under version checks.
         ctx.work = work  # type: ignore[attr-defined]
@@ -1386,31 +1420,58 @@ class _BlockEngine(torch.autograd.Function):
         cfg: _Config = ctx.cfg  # type: ignore[attr-defined]
         gemm: torch.dtype = ctx.gemm  # type: ignore[attr-defined]
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
-        (embeddings, weight, labels, owned, scale, inv_norms, xs, z, probs, total,
-         x64, r64, x_inv, r_inv, cos) = saved
+        (embeddings, weight, labels, owned, scale, bias, inv_norms, xs, z0, z, kept, total,
+         x64, r64, x_inv, r_inv, cos, index, winner, unit) = saved
         work: Tensor = ctx.work  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if torch.is_grad_enabled():
             return _dense_double_backward(
                 needs, (grad_stat, grad_sum, grad_cos, grad_x_norm, grad_w_norm), saved, cfg, wide_gemm=False
             )
-        compute = z.dtype
+        compute = z0.dtype
         wide = x64.dtype
         cls = labels.clamp_min(0)
         column = cls[:, None]
-        if grad_stat is not None:
-            grad_z = probs * (grad_stat.to(wide) * safe_reciprocal(total)).to(compute)[:, None]
-        else:
+        # dL/dz of the class logits, the target column 0.
+        if grad_stat is None:
             grad_z = torch.zeros_like(z)
+        elif cfg.form == "softmax":
+            grad_z = kept * (grad_stat.to(wide) * safe_reciprocal(total)).to(compute)[:, None]
+        else:
+            grad_z = torch.sigmoid(kept).mul_(grad_stat.to(compute)[:, None])
+            grad_z.masked_fill_(grad_z.abs() < torch.finfo(compute).tiny, 0.0)
         if grad_sum is not None and cfg.label_smoothing > 0.0:
-            grad_z.add_(grad_sum.to(compute)[:, None]).scatter_(1, column, 0.0)
+            grad_z.add_(grad_sum.to(compute)[:, None])
+        if cfg.form != "softmax" or (grad_sum is not None and cfg.label_smoothing > 0.0):
+            if owned is None:
+                grad_z.scatter_(1, column, 0.0)
+            else:
+                grad_z.scatter_(1, column, torch.where(owned[:, None], 0.0, grad_z.gather(1, column)))
+        grad_bias = grad_scale = None
+        if needs[5]:
+            grad_bias = grad_z.sum()
+        if needs[4]:
+            shifted = z if cfg.bias is None else z - cfg.bias.to(compute)
+            grad_scale = (grad_z * shifted).sum() / cfg.scale
+        if unit is not None:
+            if cfg.non_target_grad is not None:
+                slope = cfg.non_target_grad(unit)
+            else:
+                assert cfg.non_target is not None
+                with torch.enable_grad():
+                    leaf = unit.detach().requires_grad_(True)
+                    (slope,) = torch.autograd.grad(cfg.non_target(leaf).sum(), leaf)
+            grad_z = grad_z * slope.to(compute)
+        if winner is not None:
+            block = torch.zeros((*grad_z.shape, cfg.num_subcenters), dtype=compute, device=grad_z.device)
+            grad_z = block.scatter_(2, winner[..., None], grad_z[..., None]).flatten(1)
         s = cfg.scale if scale is None else scale.to(wide)
         grad_x: Tensor | None = None
         grad_w: Tensor | None = None
         with _autocast_off(embeddings.device):
             if needs[1] and cfg.normalize_weight:
                 assert inv_norms is not None
-                radial_w = (grad_z * z).sum(dim=0).mul_(inv_norms.square())
+                radial_w = (grad_z * z0).sum(dim=0).mul_(inv_norms.square())
             if cfg.normalize_weight:
                 grad_z.mul_(inv_norms)
             g = grad_z.to(gemm)
@@ -1421,6 +1482,7 @@ class _BlockEngine(torch.autograd.Function):
                 if cfg.normalize_weight:
                     grad_w.addcmul_(weight.to(compute), radial_w[:, None], value=-1.0)
         # The rest's part of dL/dx through xs = s·x/‖x‖ (or s·x); then the float64 target terms.
+        coefficient = None
         if grad_x is not None:
             if cfg.normalize_embeddings:
                 radial = (xs * grad_x).sum(dim=1).to(wide)
@@ -1429,7 +1491,6 @@ class _BlockEngine(torch.autograd.Function):
                 coefficient = -radial * row_factor / (s * s)
             else:
                 grad_x.mul_(s)
-                coefficient = None
         g_cos = None if grad_cos is None else grad_cos.to(wide) if owned is None else torch.where(owned, grad_cos.to(wide), 0.0)
         g_wn = None if grad_w_norm is None else grad_w_norm.to(wide) if owned is None else torch.where(owned, grad_w_norm.to(wide), 0.0)
         if grad_x is not None:
@@ -1456,16 +1517,23 @@ class _BlockEngine(torch.autograd.Function):
             torch.mul(r64, on_r[:, None], out=work)
             if g_cos is not None:
                 work.addcmul_(x64, (g_cos * x_inv * r_inv)[:, None])
-            grad_w.index_add_(0, cls, work.to(compute))
+            grad_w.index_add_(0, index, work.to(compute))
         return (
             None if grad_x is None else grad_x.to(embeddings.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None,
             None,
-            None,
+            None if grad_scale is None else grad_scale.reshape(scale.shape).to(scale.dtype),
+            None if grad_bias is None else grad_bias.reshape(bias.shape).to(bias.dtype),
             None,
             None,
         )
+
+
+def _block_covers(num_subcenters: int, normalize_weight: bool) -> bool:
+    """Whether :class:`_BlockEngine` computes this configuration (sub-centres need
+    normalised weights: the winner is read off the block)."""
+    return num_subcenters == 1 or normalize_weight
 
 
 def _dense_double_backward(
@@ -1479,6 +1547,7 @@ def _dense_double_backward(
     """A ``create_graph=True`` backward of :class:`_DenseEngine`: recompute with plain
     autograd (:func:`_wide_parts`) so that second derivatives are exact."""
     embeddings, weight, labels, owned, scale = saved[:5]
+    bias = None if wide_gemm else saved[5]
     if owned is None:
         owned = torch.ones_like(labels, dtype=torch.bool)
     used_scale: Scale = scale if scale is not None else cfg.scale
@@ -1487,12 +1556,13 @@ def _dense_double_backward(
     else:
         gemm = _gemm_dtype(embeddings.device, _compute_dtype(embeddings, weight))
         with _autocast_off(embeddings.device):
-            cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, 1)
-            stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, used_scale, None, cfg, gemm)
+            cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
+            stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, used_scale, bias, cfg, gemm)
         outputs = (stat, rest_sum, cos, x_norm, w_norm)
     pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
-    candidates = [(i, t) for i, t in ((0, embeddings), (1, weight)) if needs[i]]
-    result: list[Tensor | None] = [None] * (6 if wide_gemm else 7)
+    inputs = ((0, embeddings), (1, weight)) if wide_gemm else ((0, embeddings), (1, weight), (4, scale), (5, bias))
+    candidates = [(i, t) for i, t in inputs if t is not None and needs[i]]
+    result: list[Tensor | None] = [None] * (6 if wide_gemm else 8)
     if not pairs or not candidates:
         return tuple(result)
     got = torch.autograd.grad(
@@ -2153,8 +2223,9 @@ def margin_loss(
         or (checked.chunk == "auto" and x_global.shape[0] * used.shape[0] <= _PLAIN_ELEMENTS)
     )
     # On the CPU, knowing that no row is ignored saves a few masking operations per call.
-    # "auto" up to plain_path_elements(): the plain margin softmax as one closed-form block.
-    block = plain and checked.chunk == "auto" and cfg.simple
+    # "auto" up to plain_path_elements(): one closed-form block (sub-centres with normalised
+    # weights only: the winner is read off the block).
+    block = plain and checked.chunk == "auto" and _block_covers(num_subcenters, normalize_weight)
     every_row = (wide or block) and all_valid
     if wide:
         with _autocast_off(x_global.device):
@@ -2169,7 +2240,7 @@ def margin_loss(
     elif block:
         inv_norms = None if used_norms is None or not normalize_weight else _reciprocal_or_zero(used_norms)
         stat, rest_sum, cos, x_norm, w_norm = _BlockEngine.apply(
-            x_global, used, local, None if every_row else owned, scale_tensor, inv_norms, cfg
+            x_global, used, local, None if every_row else owned, scale_tensor, bias_value, inv_norms, cfg
         )
     elif plain:
         with _autocast_off(x_global.device):

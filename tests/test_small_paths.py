@@ -2,8 +2,8 @@
 
 ``"auto"`` runs a small problem entirely in float64 from one GEMM (``wide``: a closed-form
 Function for the plain margin softmax, plain autograd for the other configurations), a
-mid-sized one as one closed-form ``[B, C]`` block (``block``: the plain margin softmax) or
-with plain autograd (``plain``), and a large one chunked.  Each forced path must give the
+mid-sized one as one closed-form ``[B, C·K]`` block (``block``; plain autograd, ``plain``,
+where the block does not apply), and a large one chunked.  Each forced path must give the
 chunked engine's loss, gradients and state updates, for every registered head, and be as
 differentiable (gradcheck, double backward, ``torch.compile``).
 """
@@ -30,9 +30,8 @@ def force_path(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(fused, "_WIDE_MACS", 1 << 40 if path == "wide" else 0)
         monkeypatch.setattr(fused, "_PLAIN_ELEMENTS", 1 << 40 if path in ("block", "plain") else 0)
         if path == "plain":
-            # The plain path is what "auto" takes for configurations the block does not cover;
-            # forcing it for the others means asking for it (chunk_size=None).
-            monkeypatch.setattr(fused._Config, "simple", property(lambda self: False))
+            # The plain path is what "auto" takes for configurations the block does not cover.
+            monkeypatch.setattr(fused, "_block_covers", lambda *args: False)
 
     return force
 
@@ -103,7 +102,9 @@ def test_float32_small_paths_match_the_chunked_engine(force_path, path, name, sm
 
 
 @pytest.mark.parametrize("path", ["wide", "block"])
-@pytest.mark.parametrize("name", ["arcface", "sphereface", "lsoftmax", "magface"])
+@pytest.mark.parametrize(
+    "name", ["arcface", "sphereface", "lsoftmax", "magface", "subcenter_arcface", "uniface", "curricularface"]
+)
 def test_closed_form_small_paths_pass_gradcheck(force_path, path, name) -> None:
     force_path(path)
     head = marginloss.create_head(name, 5, 4, dtype=torch.float64, label_smoothing=0.1 if name == "arcface" else 0.0)
@@ -208,3 +209,32 @@ def test_an_empty_batch_gives_a_zero_loss_on_the_default_path(reduction) -> None
         assert loss.shape == (0,)
     else:
         assert float(loss) == 0.0
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("subcenters", [1, 2])
+def test_learnable_scale_bias_and_transform_on_each_small_path(force_path, path, form, subcenters) -> None:
+    """The engine's general configuration (learnable scale and bias, a non-target transform,
+    sub-centres, both loss forms) on every small path equals the chunked engine."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    weight = torch.randn(7 * subcenters, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 6, 3, -100, 1, 2, 5, 4])
+
+    def run(chunk_size):
+        xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        bias = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
+        loss = fused.margin_loss(
+            xg, wg, labels, lambda cos, ctx: cos - 0.3, non_target=lambda cos, ctx: cos * (0.2 + cos),
+            scale=scale, bias=bias, num_subcenters=subcenters, loss_form=form, chunk_size=chunk_size,
+            label_smoothing=0.1 if form == "softmax" else 0.0,
+        )
+        return (loss, *torch.autograd.grad(loss, (xg, wg, scale, bias)))
+
+    expected = run(3)
+    force_path(path)
+    got = run("auto")
+    for what, a, b in zip(("loss", "x", "weight", "scale", "bias"), got, expected):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, what=f"{path} {form} K={subcenters} {what}")
