@@ -1127,12 +1127,14 @@ def _wide_parts(
     x_inv, w_inv = safe_reciprocal(x_norm), safe_reciprocal(w_norms)
     dots = xw @ ww.T
     cls = labels.clamp_min(0)
+    # Target cosines summed as the chunked engine sums them (near θ = 0 their gradient is
+    # ill-conditioned, so the paths should round alike), not read off the product.
     if k == 1:
         index = cls
-        cos = dots.gather(1, cls[:, None]).squeeze(1) * (x_inv * w_inv[cls])
+        cos = (xw * ww[cls]).sum(dim=1) * x_inv * w_inv[cls]
     else:
         rows = cls[:, None] * k + torch.arange(k, device=cls.device)
-        cos_k = dots.gather(1, rows) * (x_inv[:, None] * w_inv[rows])
+        cos_k = (ww[rows] @ xw[:, :, None]).squeeze(2) * (x_inv[:, None] * w_inv[rows])
         cos, winner = cos_k.max(dim=1)
         index = cls * k + winner
     zero = torch.zeros((), dtype=wide, device=x.device)
@@ -1202,7 +1204,9 @@ class _DenseEngine(torch.autograd.Function):
         cls = labels.clamp_min(0)
         column = cls[:, None]
         dots = torch.mm(xw, ww.T)
-        cos = (dots.gather(1, column).squeeze(1) * (x_inv * w_inv[cls])).clamp_(-1.0, 1.0)
+        # The target cosine summed as the chunked engine sums it (its gradient near θ = 0 is
+        # ill-conditioned, so the paths should round alike), not read off the product.
+        cos = ((xw * ww[cls]).sum(dim=1) * x_inv * w_inv[cls]).clamp_(-1.0, 1.0)
         w_norm = w_norms[cls]
         if owned is not None:
             cos = torch.where(owned, cos, 0.0)
