@@ -359,30 +359,39 @@ class MarginHead(nn.Module):
             cosine = cosine.unflatten(1, (-1, self.num_subcenters)).amax(dim=2)
         return cosine
 
-    def _normalized_logits(self, embeddings: Tensor) -> Tensor:
-        r""":math:`s\cos\theta_{ij}` (+ bias) in about as many operations as the plain formula.
+    def _inference_logits(self, embeddings: Tensor) -> Tensor:
+        r""":math:`\rho_{ij}\cos\theta_{ij}` (+ bias) in about as many operations as the plain
+        formula: :math:`(x\,a_i)\,w'^\top_j` with :math:`a_i = s/\lVert x_i\rVert` (or
+        :math:`s`) and :math:`w' = \hat w` (or :math:`w`), the max over sub-centres.
 
         The embedding norms are float32 when every row's norm lies where float32 squares
         neither overflow nor lose bits to subnormals (read with the value check, on the CPU
-        or with validation on), float64 otherwise; the scale is folded into them.
+        or with validation on), float64 otherwise.
         """
         V.check_embeddings(embeddings, self.embedding_dim, check_values=False)
         compute = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         x = embeddings.to(compute)
         w = self.weight.to(compute)
-        norms = torch.linalg.vector_norm(x, dim=1)
-        safe_range = False
-        if x.numel() and (x.device.type == "cpu" or V.values_checked(x)) and not torch.compiler.is_compiling():
-            low, high = (float(v) for v in torch.aminmax(norms))
-            if not math.isfinite(high):
-                V.check_embeddings(embeddings, self.embedding_dim)  # names NaN/inf entries
-            safe_range = _SAFE_NORMS[0] <= low and high <= _SAFE_NORMS[1]
-        if not safe_range:
-            norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
-        scale = self.scale.to(norms.dtype) if isinstance(self.scale, Tensor) else self.scale
-        x_factor = (fused.safe_reciprocal(norms) * scale).to(compute)
-        w = w * fused.safe_reciprocal(torch.linalg.vector_norm(w, dim=1))[:, None]
-        logits: Tensor = (x * x_factor[:, None]) @ w.T
+        scale = self.scale.to(compute) if isinstance(self.scale, Tensor) else self.scale
+        checked = x.numel() > 0 and (x.device.type == "cpu" or V.values_checked(x)) and not torch.compiler.is_compiling()
+        if type(self).normalize_embeddings:
+            norms = torch.linalg.vector_norm(x, dim=1)
+            safe_range = False
+            if checked:
+                low, high = (float(v) for v in torch.aminmax(norms))
+                if not math.isfinite(high):
+                    V.check_embeddings(embeddings, self.embedding_dim)  # names NaN/inf entries
+                safe_range = _SAFE_NORMS[0] <= low and high <= _SAFE_NORMS[1]
+            if not safe_range:
+                norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+            x = x * (fused.safe_reciprocal(norms) * scale).to(compute)[:, None]
+        else:
+            if checked:
+                V.check_embeddings(embeddings, self.embedding_dim)
+            x = x * scale
+        if type(self).normalize_weight:
+            w = w * fused.safe_reciprocal(torch.linalg.vector_norm(w, dim=1))[:, None]
+        logits: Tensor = x @ w.T
         if self.num_subcenters > 1:
             logits = logits.unflatten(1, (-1, self.num_subcenters)).amax(dim=2)
         if self.bias is not None:
@@ -415,8 +424,8 @@ class MarginHead(nn.Module):
                 f"classes [{self.shard_start}, {self.shard_start + self.shard_size}) only: use forward "
                 f"for the loss, or marginloss.distributed.gather_weight for the full weight"
             )
-        if labels is None and type(self).normalize_embeddings and type(self).normalize_weight:
-            return self._normalized_logits(embeddings)
+        if labels is None and (self.num_subcenters == 1 or type(self).normalize_weight):
+            return self._inference_logits(embeddings)
         cosine = self.cosine(embeddings)
         radius = self._radius(embeddings, cosine)
         bias = 0.0 if self.bias is None else self.bias.to(cosine.dtype)

@@ -292,7 +292,8 @@ class SubCenterArcFace(MarginHead):
         else:
             rows = weight.unflatten(0, (self.shard_size, k))[local]
             inv = fused.safe_reciprocal(torch.linalg.vector_norm(rows, dim=2))
-        return ((rows @ x[:, :, None]).squeeze(2) * inv).argmax(dim=1)
+        winner: Tensor = ((rows @ x[:, :, None]).squeeze(2) * inv).argmax(dim=1)
+        return winner
 
     def dominant_indices(self, embeddings: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """``[C]`` int64: which sub-centre (``0 .. K-1``) dominates each class.
