@@ -745,45 +745,68 @@ def _simple_rest_backward(
 
 # ---------------------------------------------------------------- the general chunk path
 # Sub-centres, a non-target transform, a bias, a learnable scale or the sigmoid form, as lean
-# as the simple path above: each [B, chunk] block lives in one of a few buffers allocated once
-# per call and is transformed in place (on a CPU every pass over a block costs about a tenth
-# of its GEMM, and every parallel region is a barrier for all threads), the per-row sign of
-# the gradient goes onto the [B, D] operands, and would-be-subnormal gradients are exact zeros
-# before the GEMMs.
+# as the simple path above: one GEMM per chunk, then the elementwise work tile by tile, in
+# place in a few buffers allocated once per call; the per-row sign of the gradient goes onto
+# the [B, D] operands, and would-be-subnormal gradients are exact zeros before the GEMMs.
+
+# CPU: the elementwise passes of the general path run on column tiles of at most this many
+# elements (1 MiB of float32).  A tile and its temporaries stay in a core's L2 cache over the
+# dozen passes that go over it, and the temporaries a non-target hook allocates are recycled
+# by the allocator: fresh [B, chunk] temporaries came from new pages each time, whose faults
+# cost more than the hook's arithmetic (measured: benchmarks/results/cpu-every-head-100k.md).
+_TILE_ELEMENTS = 1 << 18
 
 
 class _Scratch:
     """Work blocks of one engine call, allocated at first use and reused by every chunk.
 
     ``take(name, rows, cols)`` is a contiguous ``[rows, cols]`` view of the first
-    ``rows·cols`` elements of the buffer ``name`` (so the last, narrower chunk fits too).
+    ``rows·cols`` elements of the buffer ``name`` (so narrower tiles and chunks fit too).
     """
 
     def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         self.capacity, self.dtype, self.device = capacity, dtype, device
         self.buffers: dict[str, Tensor] = {}
+        self.views: dict[tuple[str, int, int], Tensor] = {}
 
     def take(self, name: str, rows: int, cols: int, dtype: torch.dtype | None = None) -> Tensor:
-        buffer = self.buffers.get(name)
-        if buffer is None:
-            buffer = torch.empty(self.capacity, dtype=dtype or self.dtype, device=self.device)
-            self.buffers[name] = buffer
-        return buffer[: rows * cols].view(rows, cols)
+        view = self.views.get((name, rows, cols))
+        if view is None:
+            buffer = self.buffers.get(name)
+            if buffer is None:
+                buffer = torch.empty(self.capacity, dtype=dtype or self.dtype, device=self.device)
+                self.buffers[name] = buffer
+            view = self.views[name, rows, cols] = buffer[: rows * cols].view(rows, cols)
+        return view
 
 
-# CPU: the non-target hooks run on column blocks of at most this many elements (1 MiB of
-# float32).  Their temporaries then stay in cache and are recycled by the allocator; fresh
-# [B, chunk] temporaries came from new pages each time, whose faults cost more than the hook's
-# arithmetic (measured: benchmarks/results/cpu-every-head-100k.md).
-_HOOK_BLOCK_ELEMENTS = 1 << 18
+def _tile_width(batch: int, width: int, device: torch.device) -> int:
+    """Class columns per tile of a ``width``-class chunk: equal tiles of at most
+    :data:`_TILE_ELEMENTS` entries on a CPU, the whole chunk elsewhere (fewer launches)."""
+    if device.type != "cpu":
+        return width
+    most = max(1, _TILE_ELEMENTS // max(batch, 1))
+    tiles = -(-width // most)
+    return -(-width // tiles)
 
 
-def _hook_columns(cos: Tensor) -> list[slice]:
-    """The column blocks of ``cos`` (``[B, n]``) on which the non-target hooks are called:
-    the whole block off the CPU, where one call launches fewer kernels."""
-    batch, n = cos.shape
-    step = n if cos.device.type != "cpu" else max(1, _HOOK_BLOCK_ELEMENTS // max(batch, 1))
-    return [slice(start, start + step) for start in range(0, n, step)]
+def _tile_targets(labels: Tensor, num_classes: int, width: int, tile: int) -> tuple[Tensor, Tensor]:
+    """:func:`_chunk_targets` for the tiles of every chunk, in order: each tile's column of
+    each row's target, ``[T, B, 1]`` (clamped into the tile), and whether it lies there."""
+    if tile >= width:
+        return _chunk_targets(labels, num_classes, width)
+    starts, lasts = [], []
+    for chunk in range(0, num_classes, width):
+        n = min(width, num_classes - chunk)
+        for offset in range(0, n, tile):
+            starts.append(chunk + offset)
+            lasts.append(min(tile, n - offset) - 1)
+    start = torch.tensor(starts, device=labels.device)
+    last = torch.tensor(lasts, device=labels.device)
+    local = labels[None, :] - start[:, None]
+    inside = (local >= 0) & (local <= last[:, None])
+    local = local.clamp_min(0).minimum(last[:, None])
+    return local[:, :, None], inside[:, :, None]
 
 
 def _value_and_slope(non_target: Callable[[Tensor], Tensor], cos: Tensor) -> tuple[Tensor, Tensor]:
@@ -803,80 +826,76 @@ def _value_and_slope(non_target: Callable[[Tensor], Tensor], cos: Tensor) -> tup
 def _class_logits(
     z0: Tensor, cfg: _Config, scratch: _Scratch, own: bool, backward: bool = False
 ) -> tuple[Tensor, bool, Tensor | None, Tensor | None]:
-    """``[B, n]`` class logits of a ``[B, n·K]`` block ``z0`` of :math:`\\rho\\cos`: the max
-    over each class's ``K`` sub-centres, the non-target transform :math:`s\\,g(z/s)`, the bias.
+    """``[B, m]`` class logits of one tile ``z0`` (``[B, m·K]``) of :math:`\\rho\\cos`: the
+    max over each class's ``K`` sub-centres, the non-target transform :math:`s\\,g(z/s)`, the
+    bias.
 
     Returns ``(z, writable, winner, cos)``.  ``z`` is ``z0`` itself only when nothing changes
-    it (one sub-centre, no transform, no bias), and ``z0`` is overwritten when ``own`` says
-    the caller owns it; ``writable`` says whether the caller may overwrite ``z``.  With
-    ``backward`` also each class's winning sub-centre (``[B, n]`` indices into its ``K``
+    it (one sub-centre, no transform, no bias); ``z0`` is overwritten only when ``own`` says
+    the caller owns it, and ``writable`` says whether the caller may overwrite ``z``.  With
+    ``backward`` also each class's winning sub-centre (``[B, m]`` indices into its ``K``
     rows; None for ``K = 1``).  ``cos`` is what the transform saw (None without one), for
-    :func:`_times_slope_`; without a closed-form derivative, ``backward`` also leaves
-    :math:`g'` in the scratch buffer ``"slope"``.
+    :func:`_times_slope_`.  The non-target hooks see the tile's ``[B, m]`` cosines.
     """
     batch, k = z0.shape[0], cfg.num_subcenters
-    n = z0.shape[1] // k
+    m = z0.shape[1] // k
     z, writable = z0, own
     winner = cos = None
     if k > 1:
-        z, writable = scratch.take("pooled", batch, n), True
+        z, writable = scratch.take("pooled", batch, m), True
         if backward:
-            winner = scratch.take("winner", batch, n, torch.int64)
-            torch.max(z0.view(batch, n, k), dim=2, out=(z, winner))
+            winner = scratch.take("winner", batch, m, torch.int64)
+            torch.max(z0.unflatten(1, (m, k)), dim=2, out=(z, winner))
         else:
-            torch.amax(z0.view(batch, n, k), dim=2, out=z)
+            torch.amax(z0.unflatten(1, (m, k)), dim=2, out=z)
     bias = None if cfg.bias is None else cfg.bias.to(z.dtype)
     if cfg.non_target is not None:
         # A product with 1/s: a division costs several multiplications' time on a CPU.
         inv_scale = 1.0 / cfg.scale
-        cos = z.mul_(inv_scale) if writable else torch.mul(z, inv_scale, out=scratch.take("cos", batch, n))
-        z = scratch.take("logits", batch, n)
-        autograd_slope = backward and cfg.non_target_grad is None
-        slope = scratch.take("slope", batch, n) if autograd_slope else None
-        for columns in _hook_columns(cos):
-            if slope is not None:
-                value, part_slope = _value_and_slope(cfg.non_target, cos[:, columns])
-                slope[:, columns].copy_(part_slope)
-            else:
-                value = cfg.non_target(cos[:, columns])
-            if bias is None:
-                torch.mul(value, cfg.scale, out=z[:, columns])
-            elif isinstance(cfg.scale, Tensor):
-                torch.addcmul(bias, value, cfg.scale, out=z[:, columns])
-            else:
-                torch.add(bias, value, alpha=cfg.scale, out=z[:, columns])
+        cos = z.mul_(inv_scale) if writable else torch.mul(z, inv_scale, out=scratch.take("cos", batch, m))
+        if backward and cfg.non_target_grad is None:
+            value, slope = _value_and_slope(cfg.non_target, cos)
+            scratch.take("slope", batch, m).copy_(slope)
+        else:
+            value = cfg.non_target(cos)
+        z = scratch.take("logits", batch, m)
+        if bias is None:
+            torch.mul(value, cfg.scale, out=z)
+        elif isinstance(cfg.scale, Tensor):
+            torch.addcmul(bias, value, cfg.scale, out=z)
+        else:
+            torch.add(bias, value, alpha=cfg.scale, out=z)
         return z, True, winner, cos
     if bias is not None:
         if writable:
             z = z.add_(bias)
         else:
-            z, writable = torch.add(z, bias, out=scratch.take("logits", batch, n)), True
+            z, writable = torch.add(z, bias, out=scratch.take("logits", batch, m)), True
     return z, writable, winner, cos
 
 
 def _times_slope_(grad: Tensor, cos: Tensor, cfg: _Config, scratch: _Scratch) -> Tensor:
-    """``grad`` times :math:`g'(\\cos)`, in place (the hook called on the same column blocks)."""
+    """``grad`` times :math:`g'(\\cos)`, in place: the head's closed form, or what
+    :func:`_class_logits` left from autograd."""
     if cfg.non_target_grad is None:
         return grad.mul_(scratch.take("slope", *grad.shape))
-    for columns in _hook_columns(cos):
-        grad[:, columns].mul_(cfg.non_target_grad(cos[:, columns]))
-    return grad
+    return grad.mul_(cfg.non_target_grad(cos))
 
 
-def _general_chunk_forward(
+def _general_tile_forward(
     z0: Tensor, local: Tensor, inside: Tensor, cfg: _Config, need_sum: bool, scratch: _Scratch, own: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Row statistic (float64) and sum of one chunk's class logits; the target column is
+    """Row statistic (float64) and sum of one tile's class logits; the target column is
     excluded.  ``z0`` is overwritten when ``own``."""
     z, writable, _, _ = _class_logits(z0, cfg, scratch, own)
     out = None if writable else scratch.take("terms", *z.shape)
     if cfg.form == "softmax":
         return _chunk_forward(z, local, inside, need_sum, out)
     at_target = z.gather(1, local)
-    chunk_sum = z.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1) if need_sum else None
+    tile_sum = z.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1) if need_sum else None
     terms = torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device), out=z if out is None else out)
     terms.scatter_(1, local, torch.where(inside, 0.0, terms.gather(1, local)))
-    return terms.sum(dim=1).to(_wide_dtype(z.device)), chunk_sum
+    return terms.sum(dim=1).to(_wide_dtype(z.device)), tile_sum
 
 
 def _general_chunk_grad(
@@ -890,7 +909,7 @@ def _general_chunk_grad(
     signed_sum: Tensor | None,
     out: Tensor,
 ) -> Tensor:
-    """``dL/dz`` of one chunk's class logits times each row's sign (target column 0), in
+    """``dL/dz`` of one tile's class logits times each row's sign (target column 0), in
     ``out``: :math:`|g_i| p_{ij}` (softmax, folded into one exponent as in
     :func:`_chunk_grad_logits`) or :math:`|g_i| \\sigma(z_{ij})` (sigmoid), plus the signed
     label-smoothing term."""
@@ -900,8 +919,8 @@ def _general_chunk_grad(
     assert magnitude is not None
     grad = torch.sigmoid(z, out=out).mul_(magnitude[:, None])
     # Gradients below the smallest normal float become exact zeros (see the module docstring).
-    tiny = torch.finfo(grad.dtype).tiny
-    torch.threshold_(grad, tiny * (1.0 - torch.finfo(grad.dtype).eps), 0.0)
+    info = torch.finfo(grad.dtype)
+    torch.threshold_(grad, info.tiny * (1.0 - info.eps), 0.0)
     if signed_sum is not None:
         grad.add_(signed_sum[:, None])
     return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
@@ -920,13 +939,15 @@ def _general_rest_logsumexp(
     k = cfg.num_subcenters
     width, num_classes = cfg.chunk_size, weight.shape[0] // k
     batch = xs.shape[0]
-    local, inside = _chunk_targets(labels, num_classes, width)
+    tile = _tile_width(batch, min(width, num_classes), xs.device)
+    local, inside = _tile_targets(labels, num_classes, width, tile)
     kept = 0 if blocks is None else blocks.shape[0]
     wide = _wide_dtype(xs.device)
     softmax = cfg.form == "softmax"
     stat = torch.full((batch,), -math.inf if softmax else 0.0, dtype=wide, device=xs.device)
     sum_rest = torch.zeros_like(stat) if need_sum else None
     scratch = _Scratch(batch * min(width, num_classes) * k, compute, xs.device)
+    position = 0
     for index, start in enumerate(range(0, num_classes, width)):
         n = min(width, num_classes - start)
         rows = slice(start * k, (start + n) * k)
@@ -934,12 +955,16 @@ def _general_rest_logsumexp(
         keep = blocks is not None and index < kept
         out = blocks[index] if keep else scratch.take("block", batch, n * k)
         z0 = _chunk_logits(xs, weight[rows], inv, compute, out)
-        chunk_stat, chunk_sum = _general_chunk_forward(
-            z0, local[index], inside[index], cfg, need_sum, scratch, own=not keep
-        )
-        stat = torch.logaddexp(stat, chunk_stat) if softmax else stat + chunk_stat
-        if sum_rest is not None and chunk_sum is not None:
-            sum_rest = sum_rest + chunk_sum.to(wide)
+        for first in range(0, n, tile):
+            last = min(first + tile, n)
+            tile_stat, tile_sum = _general_tile_forward(
+                z0[:, first * k : last * k], local[position], inside[position], cfg, need_sum, scratch,
+                own=not keep,
+            )
+            position += 1
+            stat = torch.logaddexp(stat, tile_stat) if softmax else stat + tile_stat
+            if sum_rest is not None and tile_sum is not None:
+                sum_rest = sum_rest + tile_sum.to(wide)
     return stat, sum_rest
 
 
@@ -967,7 +992,8 @@ def _general_rest_backward(
     k = cfg.num_subcenters
     width, num_classes = cfg.chunk_size, weight.shape[0] // k
     batch = xs.shape[0]
-    local, inside = _chunk_targets(labels, num_classes, width)
+    tile = _tile_width(batch, min(width, num_classes), xs.device)
+    local, inside = _tile_targets(labels, num_classes, width, tile)
     kept = 0 if blocks is None else blocks.shape[0]
     sign = torch.where(grad_stat < 0, -1.0, 1.0).to(compute)
     signed_sum = None if grad_sum is None else (grad_sum * sign).to(compute)
@@ -985,6 +1011,7 @@ def _general_rest_backward(
     row_grad = torch.zeros(batch, dtype=compute, device=xs.device) if cfg.bias is not None or cfg.scale_grad else None
     row_grad_logit = torch.zeros(batch, dtype=compute, device=xs.device) if cfg.scale_grad else None
     scratch = _Scratch(batch * min(width, num_classes) * k, compute, xs.device)
+    position = 0
     for index, start in enumerate(range(0, num_classes, width)):
         n = min(width, num_classes - start)
         rows = slice(start * k, (start + n) * k)
@@ -994,30 +1021,39 @@ def _general_rest_backward(
             z0 = blocks[index]
         else:
             z0 = _chunk_logits(xs, chunk, inv, compute, scratch.take("block", batch, n * k))
-        z, _, winner, cos = _class_logits(z0, cfg, scratch, own=False, backward=True)
-        grad = _general_chunk_grad(
-            z, local[index], inside[index], cfg, shift_hi, shift_lo, magnitude, signed_sum,
-            scratch.take("grad", batch, n),
-        )
-        if row_grad is not None:
-            row_grad += grad.sum(dim=1)
-        if row_grad_logit is not None:
-            row_grad_logit += torch.mul(grad, z, out=scratch.take("product", batch, n)).sum(dim=1)
-        if cos is not None:
-            _times_slope_(grad, cos, cfg, scratch)
-        grad0 = grad
-        if winner is not None:
-            # The class logit's gradient goes to its winning sub-centre only.
-            grad0 = scratch.take("grad0", batch, n * k).zero_()
-            grad0.view(batch, n, k).scatter_(2, winner.unsqueeze(2), grad.unsqueeze(2))
+        # dL/dz0 of the whole chunk (the GEMMs' operand) and, with 1/‖w‖, its radial term.
+        grad0 = scratch.take("grad0", batch, n * k)
         radial = None
         if inv is not None and grad_weight is not None:
-            # Σ_i g_ij z0_ij (g signed), scaled by 1/‖w_j‖² for the addend -w_j·radial_j; the
-            # product overwrites z0 when it was recomputed (the block buffer is free otherwise).
-            product = torch.mul(grad0, z0, out=scratch.take("block", batch, n * k))
-            radial = torch.mv(product.T, sign).mul_(inv.square())
-        if inv is not None:
-            grad0.mul_(inv)
+            radial = scratch.take("radial", 1, n * k)[0]
+        for first in range(0, n, tile):
+            last = min(first + tile, n)
+            columns = slice(first * k, last * k)
+            z0_tile, grad0_tile = z0[:, columns], grad0[:, columns]
+            z, _, winner, cos = _class_logits(z0_tile, cfg, scratch, own=False, backward=True)
+            grad = _general_chunk_grad(
+                z, local[position], inside[position], cfg, shift_hi, shift_lo, magnitude, signed_sum,
+                grad0_tile if k == 1 else scratch.take("grad", batch, last - first),
+            )
+            position += 1
+            if row_grad is not None:
+                row_grad += grad.sum(dim=1)
+            if row_grad_logit is not None:
+                row_grad_logit += torch.mul(grad, z, out=scratch.take("product", *grad.shape)).sum(dim=1)
+            if cos is not None:
+                _times_slope_(grad, cos, cfg, scratch)
+            if winner is not None:
+                # The class logit's gradient goes to its winning sub-centre only.
+                grad0_tile.zero_().unflatten(1, (last - first, k)).scatter_(2, winner.unsqueeze(2), grad.unsqueeze(2))
+            if radial is not None:
+                # Σ_i g_ij z0_ij (g signed), for the addend -w_j·radial_j/‖w_j‖²; the product
+                # overwrites z0 when it was recomputed (the block buffer is free otherwise).
+                product = torch.mul(grad0_tile, z0_tile, out=scratch.take("block", batch, n * k)[:, columns])
+                torch.mv(product.T, sign, out=radial[columns])
+            if inv is not None:
+                grad0_tile.mul_(inv[columns])
+        if radial is not None and inv is not None:
+            radial.mul_(inv.square())
         grad_logits = grad0.to(gemm)
         if grad_xs is not None:
             if gemm == compute:

@@ -78,10 +78,10 @@ def curricularface_non_target(cos: Tensor, cos_target: Tensor, margin: float = 0
     if torch.is_grad_enabled() and cos.requires_grad:
         return torch.where(cos > threshold, cos * (t_value + cos), cos)
     # Outside autograd (the chunked engine's blocks): c + [c > threshold]·c·(c + t - 1), the
-    # same values to rounding in place on one new block, with the mask as 0/1 floats (a
-    # boolean select costs several arithmetic passes).
-    hard = _hard_mask(cos, threshold)
-    return hard.mul_(torch.add(cos, t_value - 1.0)).mul_(cos).add_(cos)
+    # same values to rounding in four passes, with the mask as 0/1 floats (a boolean select
+    # costs several arithmetic passes).
+    modulation = torch.add(cos, t_value - 1.0).mul_(cos)
+    return torch.addcmul(cos, _hard_mask(cos, threshold), modulation, out=modulation)
 
 
 def _hard_mask(cos: Tensor, threshold: Tensor) -> Tensor:
@@ -168,7 +168,12 @@ def _non_target_slope(cos: Tensor, cos_target: Tensor, margin: float, t: Modulat
     on the hard negatives, 1 elsewhere, as ``1 + [c > threshold]·(2c + t - 1)``."""
     threshold = _hard_threshold(cos_target, margin).to(cos.dtype)[:, None]
     t_value = t.to(cos.dtype) if isinstance(t, Tensor) else t
-    return _hard_mask(cos, threshold).mul_(torch.mul(cos, 2.0).add_(t_value - 1.0)).add_(1.0)
+    if isinstance(t_value, Tensor):
+        rise = torch.add(t_value - 1.0, cos, alpha=2.0)
+    else:
+        rise = torch.mul(cos, 2.0).add_(t_value - 1.0)
+    one = torch.ones((), dtype=cos.dtype, device=cos.device)
+    return torch.addcmul(one, _hard_mask(cos, threshold), rise, out=rise)
 
 
 @register_head("curricularface")
