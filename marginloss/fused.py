@@ -782,8 +782,11 @@ class _Scratch:
 
 def _tile_width(batch: int, width: int, device: torch.device) -> int:
     """Class columns per tile of a ``width``-class chunk: equal tiles of at most
-    :data:`_TILE_ELEMENTS` entries on a CPU, the whole chunk elsewhere (fewer launches)."""
-    if device.type != "cpu":
+    :data:`_TILE_ELEMENTS` class logits on a CPU (``K`` times as many sub-centre logits:
+    smaller tiles cost more in per-call overhead than they gain in cache), the whole chunk
+    elsewhere (fewer launches) and under ``torch.compile`` (which fuses the passes and takes
+    no strided ``out=``)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():  # compiled code fuses the passes
         return width
     most = max(1, _TILE_ELEMENTS // max(batch, 1))
     tiles = -(-width // most)
@@ -830,24 +833,32 @@ def _class_logits(
     max over each class's ``K`` sub-centres, the non-target transform :math:`s\\,g(z/s)`, the
     bias.
 
-    Returns ``(z, writable, winner, cos)``.  ``z`` is ``z0`` itself only when nothing changes
+    Returns ``(z, writable, pooled, cos)``.  ``z`` is ``z0`` itself only when nothing changes
     it (one sub-centre, no transform, no bias); ``z0`` is overwritten only when ``own`` says
-    the caller owns it, and ``writable`` says whether the caller may overwrite ``z``.  With
-    ``backward`` also each class's winning sub-centre (``[B, m]`` indices into its ``K``
-    rows; None for ``K = 1``).  ``cos`` is what the transform saw (None without one), for
-    :func:`_times_slope_`.  The non-target hooks see the tile's ``[B, m]`` cosines.
+    the caller owns it, and ``writable`` says whether the caller may overwrite ``z``.
+    ``pooled`` is the max over the sub-centres (None for ``K = 1``), kept intact in
+    ``backward`` for :func:`_subcenter_grad`, with the sub-centre-major copy of ``z0`` it
+    reads.  ``cos`` is what the transform saw (None
+    without one), for :func:`_times_slope_`.  The non-target hooks see the tile's ``[B, m]``
+    cosines.
     """
     batch, k = z0.shape[0], cfg.num_subcenters
     m = z0.shape[1] // k
     z, writable = z0, own
-    winner = cos = None
+    pooled = cos = None
     if k > 1:
-        z, writable = scratch.take("pooled", batch, m), True
+        pooled = scratch.take("pooled", batch, m)
         if backward:
-            winner = scratch.take("winner", batch, m, torch.int64)
-            torch.max(z0.unflatten(1, (m, k)), dim=2, out=(z, winner))
+            # Sub-centre-major planes [B, K, m] (one copy), so that the maxima here and the
+            # winners in _subcenter_grad are contiguous passes (strided ones are not vectorised).
+            planes = scratch.take("planes", batch, k * m).view(batch, k, m)
+            planes.copy_(z0.unflatten(1, (m, k)).transpose(1, 2))
+            torch.maximum(planes[:, 0], planes[:, 1], out=pooled)
+            for j in range(2, k):
+                torch.maximum(pooled, planes[:, j], out=pooled)
         else:
-            torch.amax(z0.unflatten(1, (m, k)), dim=2, out=z)
+            torch.amax(z0.unflatten(1, (m, k)), dim=2, out=pooled)
+        z, writable = pooled, not backward  # backward needs the pooled values for the winners
     bias = None if cfg.bias is None else cfg.bias.to(z.dtype)
     if cfg.non_target is not None:
         # A product with 1/s: a division costs several multiplications' time on a CPU.
@@ -865,13 +876,37 @@ def _class_logits(
             torch.addcmul(bias, value, cfg.scale, out=z)
         else:
             torch.add(bias, value, alpha=cfg.scale, out=z)
-        return z, True, winner, cos
+        return z, True, pooled, cos
     if bias is not None:
         if writable:
             z = z.add_(bias)
         else:
             z, writable = torch.add(z, bias, out=scratch.take("logits", batch, m)), True
-    return z, writable, winner, cos
+    return z, writable, pooled, cos
+
+
+def _subcenter_grad(grad: Tensor, pooled: Tensor, grad0: Tensor, scratch: _Scratch) -> Tensor:
+    """``grad0`` (``[B, m·K]``): each class's gradient ``grad`` (``[B, m]``) on its winning
+    sub-centre, the first of its ``K`` that holds the max ``pooled``, 0 elsewhere (0/1 float
+    masks: boolean selects cost several passes), from the planes :func:`_class_logits` left."""
+    batch, m = grad.shape
+    k = grad0.shape[1] // m
+    planes = scratch.take("planes", batch, k * m).view(batch, k, m)
+    free = None
+    for j in range(k):
+        hit = torch.eq(planes[:, j], pooled, out=scratch.take("hit", batch, m))
+        if free is not None:
+            hit.mul_(free)
+        if torch.compiler.is_compiling():  # no strided out= there
+            grad0[:, j::k].copy_(grad * hit)
+        else:
+            torch.mul(grad, hit, out=grad0[:, j::k])
+        if j < k - 1:
+            if free is None:
+                free = torch.sub(torch.ones((), dtype=hit.dtype, device=hit.device), hit, out=scratch.take("free", *grad.shape))
+            else:
+                free.sub_(hit)
+    return grad0
 
 
 def _times_slope_(grad: Tensor, cos: Tensor, cfg: _Config, scratch: _Scratch) -> Tensor:
@@ -1030,7 +1065,7 @@ def _general_rest_backward(
             last = min(first + tile, n)
             columns = slice(first * k, last * k)
             z0_tile, grad0_tile = z0[:, columns], grad0[:, columns]
-            z, _, winner, cos = _class_logits(z0_tile, cfg, scratch, own=False, backward=True)
+            z, _, pooled, cos = _class_logits(z0_tile, cfg, scratch, own=False, backward=True)
             grad = _general_chunk_grad(
                 z, local[position], inside[position], cfg, shift_hi, shift_lo, magnitude, signed_sum,
                 grad0_tile if k == 1 else scratch.take("grad", batch, last - first),
@@ -1042,9 +1077,8 @@ def _general_rest_backward(
                 row_grad_logit += torch.mul(grad, z, out=scratch.take("product", *grad.shape)).sum(dim=1)
             if cos is not None:
                 _times_slope_(grad, cos, cfg, scratch)
-            if winner is not None:
-                # The class logit's gradient goes to its winning sub-centre only.
-                grad0_tile.zero_().unflatten(1, (last - first, k)).scatter_(2, winner.unsqueeze(2), grad.unsqueeze(2))
+            if pooled is not None:
+                _subcenter_grad(grad, pooled, grad0_tile, scratch)
             if radial is not None:
                 # Σ_i g_ij z0_ij (g signed), for the addend -w_j·radial_j/‖w_j‖²; the product
                 # overwrites z0 when it was recomputed (the block buffer is free otherwise).

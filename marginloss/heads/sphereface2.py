@@ -169,8 +169,12 @@ def sphereface2_bias_init(
     else:
         theta = min(math.pi, math.pi / 2.0 + margin)
         a_y, a_i = scale * (2.0 * ((math.cos(theta) + 1.0) / 2.0) ** t - 1.0), scale * base
-    root = math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_y - a_i))
-    return float(math.log(2.0 * z) - a_i - math.log(1.0 - z + root))
+    ratio = 4.0 * z * math.exp(a_y - a_i)
+    root = math.sqrt((1.0 - z) ** 2 + ratio)
+    # 1 - z + root, without the cancellation when z > 1 and the ratio is tiny (lambda near 1
+    # with few classes, or a large scale times margin): then it equals ratio / (root - 1 + z).
+    denominator = 1.0 - z + root if z <= 1.0 else ratio / (root - 1.0 + z)
+    return float(math.log(2.0 * z) - a_i - math.log(denominator))
 
 
 def sphereface2_logits(
