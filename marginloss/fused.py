@@ -861,9 +861,7 @@ def _class_logits(
         z, writable = pooled, not backward  # backward needs the pooled values for the winners
     bias = None if cfg.bias is None else cfg.bias.to(z.dtype)
     if cfg.non_target is not None:
-        # A product with 1/s: a division costs several multiplications' time on a CPU.
-        inv_scale = 1.0 / cfg.scale
-        cos = z.mul_(inv_scale) if writable else torch.mul(z, inv_scale, out=scratch.take("cos", batch, m))
+        cos = z  # with a transform the GEMM gave the cosines themselves (_gemm_operand)
         if backward and cfg.non_target_grad is None:
             value, slope = _value_and_slope(cfg.non_target, cos)
             scratch.take("slope", batch, m).copy_(slope)
@@ -907,6 +905,13 @@ def _subcenter_grad(grad: Tensor, pooled: Tensor, grad0: Tensor, scratch: _Scrat
             else:
                 free.sub_(hit)
     return grad0
+
+
+def _gemm_operand(xs: Tensor, cfg: _Config) -> Tensor:
+    """What the chunk GEMMs multiply the weight with: ``xs``, or with a non-target transform
+    ``xs / s``, so that the blocks hold the cosines the transform takes (one pass over every
+    block fewer; the weight gradient's radial term then carries the factor ``s``)."""
+    return xs if cfg.non_target is None else xs * (1.0 / cfg.scale)
 
 
 def _times_slope_(grad: Tensor, cos: Tensor, cfg: _Config, scratch: _Scratch) -> Tensor:
@@ -982,6 +987,7 @@ def _general_rest_logsumexp(
     stat = torch.full((batch,), -math.inf if softmax else 0.0, dtype=wide, device=xs.device)
     sum_rest = torch.zeros_like(stat) if need_sum else None
     scratch = _Scratch(batch * min(width, num_classes) * k, compute, xs.device)
+    operand = _gemm_operand(xs, cfg)
     position = 0
     for index, start in enumerate(range(0, num_classes, width)):
         n = min(width, num_classes - start)
@@ -989,7 +995,7 @@ def _general_rest_logsumexp(
         inv = None if inv_norms is None else inv_norms[rows]
         keep = blocks is not None and index < kept
         out = blocks[index] if keep else scratch.take("block", batch, n * k)
-        z0 = _chunk_logits(xs, weight[rows], inv, compute, out)
+        z0 = _chunk_logits(operand, weight[rows], inv, compute, out)
         for first in range(0, n, tile):
             last = min(first + tile, n)
             tile_stat, tile_sum = _general_tile_forward(
@@ -1046,6 +1052,11 @@ def _general_rest_backward(
     row_grad = torch.zeros(batch, dtype=compute, device=xs.device) if cfg.bias is not None or cfg.scale_grad else None
     row_grad_logit = torch.zeros(batch, dtype=compute, device=xs.device) if cfg.scale_grad else None
     scratch = _Scratch(batch * min(width, num_classes) * k, compute, xs.device)
+    operand = _gemm_operand(xs, cfg)
+    # The radial term's factor: the blocks hold s·cos, or cos with a transform.
+    radial_scale = None
+    if inv_norms is not None:
+        radial_scale = inv_norms.square() if operand is xs else inv_norms.square() * cfg.scale
     position = 0
     for index, start in enumerate(range(0, num_classes, width)):
         n = min(width, num_classes - start)
@@ -1055,7 +1066,7 @@ def _general_rest_backward(
         if blocks is not None and index < kept:
             z0 = blocks[index]
         else:
-            z0 = _chunk_logits(xs, chunk, inv, compute, scratch.take("block", batch, n * k))
+            z0 = _chunk_logits(operand, chunk, inv, compute, scratch.take("block", batch, n * k))
         # dL/dz0 of the whole chunk (the GEMMs' operand) and, with 1/‖w‖, its radial term.
         grad0 = scratch.take("grad0", batch, n * k)
         radial = None
@@ -1086,8 +1097,8 @@ def _general_rest_backward(
                 torch.mv(product.T, sign, out=radial[columns])
             if inv is not None:
                 grad0_tile.mul_(inv[columns])
-        if radial is not None and inv is not None:
-            radial.mul_(inv.square())
+        if radial is not None and radial_scale is not None:
+            radial.mul_(radial_scale[rows])
         grad_logits = grad0.to(gemm)
         if grad_xs is not None:
             if gemm == compute:
