@@ -116,8 +116,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "every-head": {
         "head": "arcface",
         "embeddings": "random",
-        # Each fused worker times its own paired floor (K times the GEMMs for sub-centres).
-        "methods": ("marginloss_fused",),
+        # Each fused worker times its own paired floor (K times the GEMMs for sub-centres);
+        # with --baseline-tree every head also runs from that tree, in the same run.
+        "methods": ("marginloss_fused", "baseline_fused"),
         "about": (
             "every head of marginloss.list_heads() (or --heads) at its defaults, built with "
             "marginloss.create_head, x ~ N(0, I), W Xavier-uniform; the floor of a head with K "

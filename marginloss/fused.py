@@ -817,90 +817,226 @@ def _simple_rest_backward(
 
 
 # ---------------------------------------------------------------- the general chunk path
-# Sub-centres, a non-target transform, a bias, a learnable scale or the sigmoid form: one
-# readable pass per chunk (the plain margin softmax keeps the in-place path above).
+# Sub-centres, a non-target transform, a bias, a learnable scale or the sigmoid form, as lean
+# as the simple path above: one GEMM per chunk, then the elementwise work tile by tile, in
+# place in a few buffers allocated once per call; the per-row sign of the gradient goes onto
+# the [B, D] operands, and would-be-subnormal gradients are exact zeros before the GEMMs.
+
+# CPU: the elementwise passes of the general path run on column tiles of at most this many
+# elements (1 MiB of float32).  A tile and its temporaries stay in a core's L2 cache over the
+# dozen passes that go over it, and the temporaries a non-target hook allocates are recycled
+# by the allocator: fresh [B, chunk] temporaries came from new pages each time, whose faults
+# cost more than the hook's arithmetic (measured: benchmarks/results/cpu-every-head-100k.md).
+_TILE_ELEMENTS = 1 << 18
 
 
-def _class_logits(z0: Tensor, cfg: _Config) -> Tensor:
-    """``[B, n·K]`` block of :math:`\\rho\\cos` to the ``[B, n]`` class logits: the max over
-    each class's ``K`` sub-centres, the non-target transform :math:`s\\,g(z/s)`, the bias.
-    A new tensor (``z0`` is left as it is)."""
-    k = cfg.num_subcenters
-    z = z0 if k == 1 else z0.unflatten(1, (-1, k)).amax(dim=2)
-    if cfg.non_target is not None:
-        z = (cfg.scale * cfg.non_target(z / cfg.scale)).to(z0.dtype)
-    elif z is z0:
-        z = z0.clone()
-    if cfg.bias is not None:
-        z = z + cfg.bias.to(z.dtype)
-    return z
+class _Scratch:
+    """Work blocks of one engine call, allocated at first use and reused by every chunk.
+
+    ``take(name, rows, cols)`` is a contiguous ``[rows, cols]`` view of the first
+    ``rows·cols`` elements of the buffer ``name`` (so narrower tiles and chunks fit too).
+    """
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.buffers: dict[str, Tensor] = {}
+        self.views: dict[tuple[str, int, int], Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype | None = None) -> Tensor:
+        view = self.views.get((name, rows, cols))
+        if view is None:
+            buffer = self.buffers.get(name)
+            if buffer is None:
+                buffer = torch.empty(self.capacity, dtype=dtype or self.dtype, device=self.device)
+                self.buffers[name] = buffer
+            view = self.views[name, rows, cols] = buffer[: rows * cols].view(rows, cols)
+        return view
 
 
-def _class_logits_backward(z0: Tensor, grad_z: Tensor, cfg: _Config) -> Tensor:
-    """The vector-Jacobian product of :func:`_class_logits` (without the bias): ``[B, n·K]``."""
-    k = cfg.num_subcenters
-    if k == 1:
-        z = z0
-    else:
-        z, winner = z0.unflatten(1, (-1, k)).max(dim=2)
-    if cfg.non_target is not None:
-        cos = z / cfg.scale
-        if cfg.non_target_grad is not None:
-            slope = cfg.non_target_grad(cos)
+def _tile_width(batch: int, width: int, device: torch.device) -> int:
+    """Class columns per tile of a ``width``-class chunk: equal tiles of at most
+    :data:`_TILE_ELEMENTS` class logits on a CPU (``K`` times as many sub-centre logits:
+    smaller tiles cost more in per-call overhead than they gain in cache), the whole chunk
+    elsewhere (fewer launches) and under ``torch.compile`` (which fuses the passes and takes
+    no strided ``out=``)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():  # compiled code fuses the passes
+        return width
+    most = max(1, _TILE_ELEMENTS // max(batch, 1))
+    tiles = -(-width // most)
+    return -(-width // tiles)
+
+
+def _tile_targets(labels: Tensor, num_classes: int, width: int, tile: int) -> tuple[Tensor, Tensor]:
+    """:func:`_chunk_targets` for the tiles of every chunk, in order: each tile's column of
+    each row's target, ``[T, B, 1]`` (clamped into the tile), and whether it lies there."""
+    if tile >= width:
+        return _chunk_targets(labels, num_classes, width)
+    starts, lasts = [], []
+    for chunk in range(0, num_classes, width):
+        n = min(width, num_classes - chunk)
+        for offset in range(0, n, tile):
+            starts.append(chunk + offset)
+            lasts.append(min(tile, n - offset) - 1)
+    start = torch.tensor(starts, device=labels.device)
+    last = torch.tensor(lasts, device=labels.device)
+    local = labels[None, :] - start[:, None]
+    inside = (local >= 0) & (local <= last[:, None])
+    local = local.clamp_min(0).minimum(last[:, None])
+    return local[:, :, None], inside[:, :, None]
+
+
+def _value_and_slope(non_target: Callable[[Tensor], Tensor], cos: Tensor) -> tuple[Tensor, Tensor]:
+    """:math:`g(\\cos)` and :math:`g'(\\cos)` of a transform without a closed-form
+    derivative, from one evaluation under autograd."""
+    with torch.enable_grad():
+        leaf = cos.detach().requires_grad_(True)
+        value = non_target(leaf)
+        if not value.requires_grad:  # a transform that does not depend on the cosine
+            return value.detach(), torch.zeros((), dtype=cos.dtype, device=cos.device)
+        (slope,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+    if slope is None:
+        slope = torch.zeros((), dtype=cos.dtype, device=cos.device)
+    return value.detach(), slope
+
+
+def _class_logits(
+    z0: Tensor, cfg: _Config, scratch: _Scratch, own: bool, backward: bool = False
+) -> tuple[Tensor, bool, Tensor | None, Tensor | None]:
+    """``[B, m]`` class logits of one tile ``z0`` (``[B, m·K]``) of :math:`\\rho\\cos`: the
+    max over each class's ``K`` sub-centres, the non-target transform :math:`s\\,g(z/s)`, the
+    bias.
+
+    Returns ``(z, writable, pooled, cos)``.  ``z`` is ``z0`` itself only when nothing changes
+    it (one sub-centre, no transform, no bias); ``z0`` is overwritten only when ``own`` says
+    the caller owns it, and ``writable`` says whether the caller may overwrite ``z``.
+    ``pooled`` is the max over the sub-centres (None for ``K = 1``), kept intact in
+    ``backward`` for :func:`_subcenter_grad`, with the sub-centre-major copy of ``z0`` it
+    reads.  ``cos`` is what the transform saw (None
+    without one), for :func:`_times_slope_`.  The non-target hooks see the tile's ``[B, m]``
+    cosines.
+    """
+    batch, k = z0.shape[0], cfg.num_subcenters
+    m = z0.shape[1] // k
+    z, writable = z0, own
+    pooled = cos = None
+    if k > 1:
+        pooled = scratch.take("pooled", batch, m)
+        if backward:
+            # Sub-centre-major planes [B, K, m] (one copy), so that the maxima here and the
+            # winners in _subcenter_grad are contiguous passes (strided ones are not vectorised).
+            planes = scratch.take("planes", batch, k * m).view(batch, k, m)
+            planes.copy_(z0.unflatten(1, (m, k)).transpose(1, 2))
+            torch.maximum(planes[:, 0], planes[:, 1], out=pooled)
+            for j in range(2, k):
+                torch.maximum(pooled, planes[:, j], out=pooled)
         else:
-            with torch.enable_grad():
-                leaf = cos.detach().requires_grad_(True)
-                (slope,) = torch.autograd.grad(cfg.non_target(leaf).sum(), leaf)
-        grad_z = grad_z * slope.to(grad_z.dtype)
-    if k == 1:
-        return grad_z
-    out = torch.zeros((*grad_z.shape, k), dtype=grad_z.dtype, device=grad_z.device)
-    return out.scatter_(2, winner[..., None], grad_z[..., None]).flatten(1)
+            torch.amax(z0.unflatten(1, (m, k)), dim=2, out=pooled)
+        z, writable = pooled, not backward  # backward needs the pooled values for the winners
+    bias = None if cfg.bias is None else cfg.bias.to(z.dtype)
+    if cfg.non_target is not None:
+        cos = z  # with a transform the GEMM gave the cosines themselves (_gemm_operand)
+        if backward and cfg.non_target_grad is None:
+            value, slope = _value_and_slope(cfg.non_target, cos)
+            scratch.take("slope", batch, m).copy_(slope)
+        else:
+            value = cfg.non_target(cos)
+        z = scratch.take("logits", batch, m)
+        if bias is None:
+            torch.mul(value, cfg.scale, out=z)
+        elif isinstance(cfg.scale, Tensor):
+            torch.addcmul(bias, value, cfg.scale, out=z)
+        else:
+            torch.add(bias, value, alpha=cfg.scale, out=z)
+        return z, True, pooled, cos
+    if bias is not None:
+        if writable:
+            z = z.add_(bias)
+        else:
+            z, writable = torch.add(z, bias, out=scratch.take("logits", batch, m)), True
+    return z, writable, pooled, cos
 
 
-def _general_chunk_forward(
-    z0: Tensor, local: Tensor, inside: Tensor, cfg: _Config, need_sum: bool
+def _subcenter_grad(grad: Tensor, pooled: Tensor, grad0: Tensor, scratch: _Scratch) -> Tensor:
+    """``grad0`` (``[B, m·K]``): each class's gradient ``grad`` (``[B, m]``) on its winning
+    sub-centre, the first of its ``K`` that holds the max ``pooled``, 0 elsewhere (0/1 float
+    masks: boolean selects cost several passes), from the planes :func:`_class_logits` left."""
+    batch, m = grad.shape
+    k = grad0.shape[1] // m
+    planes = scratch.take("planes", batch, k * m).view(batch, k, m)
+    free = None
+    for j in range(k):
+        hit = torch.eq(planes[:, j], pooled, out=scratch.take("hit", batch, m))
+        if free is not None:
+            hit.mul_(free)
+        if torch.compiler.is_compiling():  # no strided out= there
+            grad0[:, j::k].copy_(grad * hit)
+        else:
+            torch.mul(grad, hit, out=grad0[:, j::k])
+        if j < k - 1:
+            if free is None:
+                free = torch.sub(torch.ones((), dtype=hit.dtype, device=hit.device), hit, out=scratch.take("free", *grad.shape))
+            else:
+                free.sub_(hit)
+    return grad0
+
+
+def _gemm_operand(xs: Tensor, cfg: _Config) -> Tensor:
+    """What the chunk GEMMs multiply the weight with: ``xs``, or with a non-target transform
+    ``xs / s``, so that the blocks hold the cosines the transform takes (one pass over every
+    block fewer; the weight gradient's radial term then carries the factor ``s``)."""
+    return xs if cfg.non_target is None else xs * (1.0 / cfg.scale)
+
+
+def _times_slope_(grad: Tensor, cos: Tensor, cfg: _Config, scratch: _Scratch) -> Tensor:
+    """``grad`` times :math:`g'(\\cos)`, in place: the head's closed form, or what
+    :func:`_class_logits` left from autograd."""
+    if cfg.non_target_grad is None:
+        return grad.mul_(scratch.take("slope", *grad.shape))
+    return grad.mul_(cfg.non_target_grad(cos))
+
+
+def _general_tile_forward(
+    z0: Tensor, local: Tensor, inside: Tensor, cfg: _Config, need_sum: bool, scratch: _Scratch, own: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Row statistic (and sum) of one chunk; the target column is excluded."""
-    z = _class_logits(z0, cfg)
-    at_target = z.gather(1, local)
-    chunk_sum = z.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1) if need_sum else None
-    wide = _wide_dtype(z.device)
+    """Row statistic (float64) and sum of one tile's class logits; the target column is
+    excluded.  ``z0`` is overwritten when ``own``."""
+    z, writable, _, _ = _class_logits(z0, cfg, scratch, own)
+    out = None if writable else scratch.take("terms", *z.shape)
     if cfg.form == "softmax":
-        z.scatter_(1, local, torch.where(inside, -math.inf, at_target))
-        row_max = z.amax(dim=1).clamp_min_(torch.finfo(z.dtype).min)
-        stat = _flushed_exp_(z.sub_(row_max[:, None])).sum(dim=1).to(wide).log_().add_(row_max)
-    else:
-        terms = softplus(z)
-        terms.scatter_(1, local, torch.where(inside, 0.0, terms.gather(1, local)))
-        stat = terms.sum(dim=1).to(wide)
-    return stat, chunk_sum
+        return _chunk_forward(z, local, inside, need_sum, out)
+    at_target = z.gather(1, local)
+    tile_sum = z.sum(dim=1) - torch.where(inside, at_target, 0.0).squeeze(1) if need_sum else None
+    terms = torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device), out=z if out is None else out)
+    terms.scatter_(1, local, torch.where(inside, 0.0, terms.gather(1, local)))
+    return terms.sum(dim=1).to(_wide_dtype(z.device)), tile_sum
 
 
 def _general_chunk_grad(
-    z0: Tensor,
+    z: Tensor,
     local: Tensor,
     inside: Tensor,
-    stat: Tensor,
-    grad_stat: Tensor,
-    grad_sum: Tensor | None,
     cfg: _Config,
-) -> tuple[Tensor, Tensor]:
-    """``dL/dz`` of one chunk's class logits (target column 0) and the class logits."""
-    z = _class_logits(z0, cfg)
-    compute = z.dtype
+    shift_hi: Tensor | None,
+    shift_lo: Tensor | None,
+    magnitude: Tensor | None,
+    signed_sum: Tensor | None,
+    out: Tensor,
+) -> Tensor:
+    """``dL/dz`` of one tile's class logits times each row's sign (target column 0), in
+    ``out``: :math:`|g_i| p_{ij}` (softmax, folded into one exponent as in
+    :func:`_chunk_grad_logits`) or :math:`|g_i| \\sigma(z_{ij})` (sigmoid), plus the signed
+    label-smoothing term."""
     if cfg.form == "softmax":
-        shift_hi = stat.to(compute)
-        shift_lo = (grad_stat.abs().log() - (stat - shift_hi.to(stat.dtype))).to(compute)
-        sign = torch.where(grad_stat < 0, -1.0, 1.0).to(compute)
-        grad = _chunk_grad_logits(z, local, inside, shift_hi, shift_lo, None) * sign[:, None]
-    else:
-        grad = torch.sigmoid(z).mul_(grad_stat.to(compute)[:, None])
-        grad.masked_fill_(grad.abs() < torch.finfo(compute).tiny, 0.0)
-    if grad_sum is not None:
-        grad = grad + grad_sum.to(compute)[:, None]
-    grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
-    return grad, z
+        assert shift_hi is not None and shift_lo is not None
+        return _chunk_grad_logits(z, local, inside, shift_hi, shift_lo, signed_sum, out)
+    assert magnitude is not None
+    grad = torch.sigmoid(z, out=out).mul_(magnitude[:, None])
+    # Gradients below the smallest normal float become exact zeros (see the module docstring).
+    info = torch.finfo(grad.dtype)
+    torch.threshold_(grad, info.tiny * (1.0 - info.eps), 0.0)
+    if signed_sum is not None:
+        grad.add_(signed_sum[:, None])
+    return grad.scatter_(1, local, torch.where(inside, 0.0, grad.gather(1, local)))
 
 
 def _general_rest_logsumexp(
@@ -915,21 +1051,34 @@ def _general_rest_logsumexp(
     need_sum = cfg.label_smoothing > 0.0
     k = cfg.num_subcenters
     width, num_classes = cfg.chunk_size, weight.shape[0] // k
-    local, inside = _chunk_targets(labels, num_classes, width)
+    batch = xs.shape[0]
+    tile = _tile_width(batch, min(width, num_classes), xs.device)
+    local, inside = _tile_targets(labels, num_classes, width, tile)
     kept = 0 if blocks is None else blocks.shape[0]
     wide = _wide_dtype(xs.device)
     softmax = cfg.form == "softmax"
-    stat = torch.full((xs.shape[0],), -math.inf if softmax else 0.0, dtype=wide, device=xs.device)
+    stat = torch.full((batch,), -math.inf if softmax else 0.0, dtype=wide, device=xs.device)
     sum_rest = torch.zeros_like(stat) if need_sum else None
+    scratch = _Scratch(batch * min(width, num_classes) * k, compute, xs.device)
+    operand = _gemm_operand(xs, cfg)
+    position = 0
     for index, start in enumerate(range(0, num_classes, width)):
-        rows = slice(start * k, (start + width) * k)
+        n = min(width, num_classes - start)
+        rows = slice(start * k, (start + n) * k)
         inv = None if inv_norms is None else inv_norms[rows]
-        out = blocks[index] if blocks is not None and index < kept else None
-        z0 = _chunk_logits(xs, weight[rows], inv, compute, out)
-        chunk_stat, chunk_sum = _general_chunk_forward(z0, local[index], inside[index], cfg, need_sum)
-        stat = torch.logaddexp(stat, chunk_stat) if softmax else stat + chunk_stat
-        if sum_rest is not None and chunk_sum is not None:
-            sum_rest = sum_rest + chunk_sum.to(wide)
+        keep = blocks is not None and index < kept
+        out = blocks[index] if keep and blocks is not None else scratch.take("block", batch, n * k)
+        z0 = _chunk_logits(operand, weight[rows], inv, compute, out)
+        for first in range(0, n, tile):
+            last = min(first + tile, n)
+            tile_stat, tile_sum = _general_tile_forward(
+                z0[:, first * k : last * k], local[position], inside[position], cfg, need_sum, scratch,
+                own=not keep,
+            )
+            position += 1
+            stat = torch.logaddexp(stat, tile_stat) if softmax else stat + tile_stat
+            if sum_rest is not None and tile_sum is not None:
+                sum_rest = sum_rest + tile_sum.to(wide)
     return stat, sum_rest
 
 
@@ -947,45 +1096,109 @@ def _general_rest_backward(
     inv_norms: Tensor | None,
     blocks: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-    """Gradients for ``xs``, ``weight``, the scale and the bias from the general chunk path."""
+    """Gradients for ``xs``, ``weight``, the scale and the bias from the general chunk path.
+
+    As in :func:`_simple_rest_backward`, the blocks hold ``dL/dz`` up to each row's sign
+    :math:`\\operatorname{sign} g_i`, which is applied to the ``[B, D]`` operands; the scale
+    and bias gradients are accumulated per row and signed at the end.
+    """
     gemm = xs.dtype
     k = cfg.num_subcenters
     width, num_classes = cfg.chunk_size, weight.shape[0] // k
-    local, inside = _chunk_targets(labels, num_classes, width)
+    batch = xs.shape[0]
+    tile = _tile_width(batch, min(width, num_classes), xs.device)
+    local, inside = _tile_targets(labels, num_classes, width, tile)
     kept = 0 if blocks is None else blocks.shape[0]
+    sign = torch.where(grad_stat < 0, -1.0, 1.0).to(compute)
+    signed_sum = None if grad_sum is None else (grad_sum * sign).to(compute)
+    shift_hi = shift_lo = magnitude = None
+    if cfg.form == "softmax":
+        shift_hi = stat.to(compute)
+        shift_lo = (grad_stat.to(stat.dtype).abs().log() - (stat - shift_hi.to(stat.dtype))).to(compute)
+    else:
+        magnitude = grad_stat.abs().to(compute)
+    xs_signed = xs * sign.to(gemm)[:, None]
     grad_xs = torch.zeros(xs.shape, dtype=compute, device=xs.device) if need_x else None
     grad_weight = torch.empty_like(weight) if need_w else None
-    grad_scale = torch.zeros((), dtype=compute, device=xs.device)
-    grad_bias = torch.zeros((), dtype=compute, device=xs.device)
-    bias = 0.0 if cfg.bias is None else cfg.bias.to(compute)
+    direct = grad_weight is not None and grad_weight.dtype == gemm == compute
+    # Per-row sums of the signed gradient (and of gradient times logit) over all chunks.
+    row_grad = torch.zeros(batch, dtype=compute, device=xs.device) if cfg.bias is not None or cfg.scale_grad else None
+    row_grad_logit = torch.zeros(batch, dtype=compute, device=xs.device) if cfg.scale_grad else None
+    scratch = _Scratch(batch * min(width, num_classes) * k, compute, xs.device)
+    operand = _gemm_operand(xs, cfg)
+    # The radial term's factor: the blocks hold s·cos, or cos with a transform.
+    radial_scale = None
+    if inv_norms is not None:
+        radial_scale = inv_norms.square() if operand is xs else inv_norms.square() * cfg.scale
+    position = 0
     for index, start in enumerate(range(0, num_classes, width)):
-        rows = slice(start * k, (start + width) * k)
+        n = min(width, num_classes - start)
+        rows = slice(start * k, (start + n) * k)
         chunk = weight[rows]
         inv = None if inv_norms is None else inv_norms[rows]
         if blocks is not None and index < kept:
             z0 = blocks[index]
         else:
-            z0 = _chunk_logits(xs, chunk, inv, compute)
-        grad, z = _general_chunk_grad(z0, local[index], inside[index], stat, grad_stat, grad_sum, cfg)
-        if cfg.bias is not None:
-            grad_bias += grad.sum()
-        if cfg.scale_grad:
-            # z - b = s·g(cos): the class logit is linear in s at fixed cosines.
-            grad_scale += (grad * (z - bias)).sum() / cfg.scale
-        grad0 = _class_logits_backward(z0, grad, cfg)
+            z0 = _chunk_logits(operand, chunk, inv, compute, scratch.take("block", batch, n * k))
+        # dL/dz0 of the whole chunk (the GEMMs' operand) and, with 1/‖w‖, its radial term.
+        grad0 = scratch.take("grad0", batch, n * k)
         radial = None
         if inv is not None and grad_weight is not None:
-            radial = (grad0 * z0).sum(dim=0) * inv.square()
-        if inv is not None:
-            grad0 = grad0 * inv
-        grad0 = grad0.to(gemm)
-        if grad_xs is not None:
-            grad_xs.add_(torch.mm(grad0, chunk.to(gemm)).to(compute))
-        if grad_weight is not None:
-            grad_chunk = torch.mm(grad0.T, xs).to(compute)
+            radial = scratch.take("radial", 1, n * k)[0]
+        for first in range(0, n, tile):
+            last = min(first + tile, n)
+            columns = slice(first * k, last * k)
+            z0_tile, grad0_tile = z0[:, columns], grad0[:, columns]
+            z, _, pooled, cos = _class_logits(z0_tile, cfg, scratch, own=False, backward=True)
+            grad = _general_chunk_grad(
+                z, local[position], inside[position], cfg, shift_hi, shift_lo, magnitude, signed_sum,
+                grad0_tile if k == 1 else scratch.take("grad", batch, last - first),
+            )
+            position += 1
+            if row_grad is not None:
+                row_grad += grad.sum(dim=1)
+            if row_grad_logit is not None:
+                row_grad_logit += torch.mul(grad, z, out=scratch.take("product", *grad.shape)).sum(dim=1)
+            if cos is not None:
+                _times_slope_(grad, cos, cfg, scratch)
+            if pooled is not None:
+                _subcenter_grad(grad, pooled, grad0_tile, scratch)
             if radial is not None:
-                grad_chunk.sub_(chunk.to(compute) * radial[:, None])
-            grad_weight[rows].copy_(grad_chunk)
+                # Σ_i g_ij z0_ij (g signed), for the addend -w_j·radial_j/‖w_j‖²; the product
+                # overwrites z0 when it was recomputed (the block buffer is free otherwise).
+                product = torch.mul(grad0_tile, z0_tile, out=scratch.take("block", batch, n * k)[:, columns])
+                torch.mv(product.T, sign, out=radial[columns])
+            if inv is not None:
+                grad0_tile.mul_(inv[columns])
+        if radial is not None and radial_scale is not None:
+            radial.mul_(radial_scale[rows])
+        grad_logits = grad0.to(gemm)
+        if grad_xs is not None:
+            if gemm == compute:
+                grad_xs.addmm_(grad_logits, chunk.to(gemm))
+            else:
+                grad_xs.add_(torch.mm(grad_logits, chunk.to(gemm)).to(compute))
+        if grad_weight is not None:
+            out = grad_weight[rows]
+            if direct and radial is not None:
+                torch.mul(chunk, radial.neg_()[:, None], out=out).addmm_(grad_logits.T, xs_signed)
+            elif direct:
+                torch.mm(grad_logits.T, xs_signed, out=out)
+            else:
+                grad_chunk = torch.mm(grad_logits.T, xs_signed).to(compute)
+                if radial is not None:
+                    grad_chunk.addcmul_(chunk.to(compute), radial[:, None], value=-1.0)
+                out.copy_(grad_chunk)
+    if grad_xs is not None:
+        grad_xs.mul_(sign[:, None])
+    grad_scale = torch.zeros((), dtype=compute, device=xs.device)
+    grad_bias = torch.zeros((), dtype=compute, device=xs.device)
+    if row_grad is not None and cfg.bias is not None:
+        grad_bias = (row_grad * sign).sum()
+    if row_grad_logit is not None and row_grad is not None:
+        # z - b = s·g(cos): the class logit is linear in s at fixed cosines.
+        bias = 0.0 if cfg.bias is None else cfg.bias.to(compute)
+        grad_scale = ((row_grad_logit - bias * row_grad) * sign).sum() / cfg.scale
     return grad_xs, grad_weight, grad_scale, grad_bias
 
 

@@ -437,3 +437,66 @@ def test_softplus_is_exact_beyond_torchs_threshold() -> None:
     assert_close(values, torch.tensor(exact, dtype=torch.float64), rtol=1e-15, atol=0)
     assert_close(grad, torch.sigmoid(z.detach()), rtol=1e-15, atol=0)
     assert float((torch.nn.functional.softplus(z[4:5]) - values[4:5]).abs()) > 1e-10  # what it fixes
+
+
+# ---------------------------------------------------------------- the general chunk path
+
+
+def _general_configs() -> dict[str, dict]:
+    """One engine call per feature of the general chunk path (margin_loss keyword arguments)."""
+
+    def hard(cos, context):
+        return torch.where(cos > context.cos_target[:, None] - 0.5, cos * (0.2 + cos), cos)
+
+    return {
+        "subcenters+smoothing": {"num_subcenters": 3, "scale": 8.0, "label_smoothing": 0.1},
+        "closed-form transform": {
+            "scale": 6.0, "non_target": lambda cos, context: cos * (0.3 + cos),
+            "non_target_grad": lambda cos, context: 0.3 + 2.0 * cos,
+        },
+        "autograd transform+subcenters": {"scale": 5.0, "non_target": hard, "num_subcenters": 2},
+        "sigmoid+bias+transform": {
+            "scale": 4.0, "loss_form": "sigmoid", "bias": torch.tensor(-1.5, dtype=torch.float64, requires_grad=True),
+            "non_target": lambda cos, context: cos + 0.1, "non_target_grad": lambda cos, context: torch.ones_like(cos),
+        },
+        "learnable scale+subcenters": {
+            "scale": torch.tensor(7.0, dtype=torch.float64, requires_grad=True), "num_subcenters": 2,
+        },
+        "unnormalised+bias": {
+            "scale": 1.0, "normalize_embeddings": False, "normalize_weight": False, "num_subcenters": 2,
+            "bias": torch.tensor(0.3, dtype=torch.float64, requires_grad=True),
+        },
+    }
+
+
+def _general_step(name: str, chunk) -> list[torch.Tensor]:
+    """Loss and every gradient of one general-path configuration at ``chunk_size=chunk``."""
+    kwargs = _general_configs()[name]
+    x, w, labels = _problem(37, 101 * kwargs.get("num_subcenters", 1), 6, torch.float64, seed=4)
+    labels = labels.clamp_max(100).masked_fill(labels == -100, -100)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    loss = fused.margin_loss(
+        x, w, labels, lambda cos, context: marginloss.functional.arcface_target(cos, 0.3),
+        chunk_size=chunk, reduction="sum", **kwargs,
+    )
+    leaves = [x, w] + [kwargs[key] for key in ("scale", "bias") if isinstance(kwargs.get(key), torch.Tensor)]
+    return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+
+@pytest.mark.parametrize("name", sorted(_general_configs()))
+@pytest.mark.parametrize("tile_elements", [37 * 5, 1 << 18])
+def test_general_path_tiles_match_plain_autograd(name, tile_elements, monkeypatch) -> None:
+    """The general path, whole chunks or uneven column tiles (13 = 5 + 5 + 3), with and
+    without kept blocks, equals plain autograd over the full logits."""
+    reference = _general_step(name, None)
+    monkeypatch.setattr(fused, "_TILE_ELEMENTS", tile_elements)
+    previous = fused.set_backward_cache_bytes(37 * 13 * 3 * 8 * 4)  # some chunks kept
+    try:
+        kept = _general_step(name, 13)
+        fused.set_backward_cache_bytes(0)
+        recomputed = _general_step(name, 13)
+    finally:
+        fused.set_backward_cache_bytes(previous)
+    for got, again, want, what in zip(kept, recomputed, reference, ("loss", "x", "w", "scale or bias", "bias")):
+        assert torch.equal(got, again), what  # kept blocks are the recomputed ones, bit for bit
+        assert_close(got, want, rtol=1e-10, atol=1e-12, what=f"{name}: {what}")

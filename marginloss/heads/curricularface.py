@@ -75,7 +75,18 @@ def curricularface_non_target(cos: Tensor, cos_target: Tensor, margin: float = 0
     if cos.dim() == threshold.dim() + 1:
         threshold = threshold[:, None]
     t_value = t.to(cos.dtype) if isinstance(t, Tensor) else t
-    return torch.where(cos > threshold, cos * (t_value + cos), cos)
+    if torch.is_grad_enabled() and cos.requires_grad:
+        return torch.where(cos > threshold, cos * (t_value + cos), cos)
+    # Outside autograd (the chunked engine's blocks): c + [c > threshold]·c·(c + t - 1), the
+    # same values to rounding in four passes, with the mask as 0/1 floats (a boolean select
+    # costs several arithmetic passes).
+    modulation = torch.add(cos, t_value - 1.0).mul_(cos)
+    return torch.addcmul(cos, _hard_mask(cos, threshold), modulation, out=modulation)
+
+
+def _hard_mask(cos: Tensor, threshold: Tensor) -> Tensor:
+    """``[cos > threshold]`` as 0.0/1.0 in the dtype of ``cos`` (a new tensor, no gradient)."""
+    return torch.gt(cos, threshold, out=torch.empty_like(cos, memory_format=torch.contiguous_format))
 
 
 def curricularface_logits(
@@ -153,9 +164,16 @@ def curricularface(
 
 
 def _non_target_slope(cos: Tensor, cos_target: Tensor, margin: float, t: Modulation) -> Tensor:
+    r"""The derivative of :func:`curricularface_non_target` in ``cos``: :math:`t + 2\cos\theta_j`
+    on the hard negatives, 1 elsewhere, as ``1 + [c > threshold]·(2c + t - 1)``."""
     threshold = _hard_threshold(cos_target, margin).to(cos.dtype)[:, None]
     t_value = t.to(cos.dtype) if isinstance(t, Tensor) else t
-    return torch.where(cos > threshold, 2.0 * cos + t_value, torch.ones_like(cos))
+    if isinstance(t_value, Tensor):
+        rise = torch.add(t_value - 1.0, cos, alpha=2.0)
+    else:
+        rise = torch.mul(cos, 2.0).add_(t_value - 1.0)
+    one = torch.ones((), dtype=cos.dtype, device=cos.device)
+    return torch.addcmul(one, _hard_mask(cos, threshold), rise, out=rise)
 
 
 @register_head("curricularface")

@@ -56,15 +56,31 @@ def sphereface2_adjust(cos: Tensor, t: float = 3.0) -> Tensor:
     >>> sphereface2_adjust(torch.tensor([-1.0, 0.0, 1.0]), 3.0)
     tensor([-1.0000, -0.7500,  1.0000])
     """
-    return 2.0 * ((cos + 1.0) * 0.5).clamp_min(0.0).pow(t) - 1.0
+    if _tracked(cos):
+        return 2.0 * ((cos + 1.0) * 0.5).clamp_min(0.0).pow(t) - 1.0
+    # Outside autograd (the chunked engine's blocks): the same operations in place on one
+    # new tensor.
+    return torch.add(cos, 1.0).mul_(0.5).clamp_min_(0.0).pow_(t).mul_(2.0).sub_(1.0)
+
+
+def _tracked(cos: Tensor) -> bool:
+    return torch.is_grad_enabled() and cos.requires_grad
 
 
 def _adjust_slope(cos: Tensor, t: float) -> Tensor:
-    return t * ((cos + 1.0) * 0.5).clamp_min(0.0).pow(t - 1.0)
+    if _tracked(cos):
+        return t * ((cos + 1.0) * 0.5).clamp_min(0.0).pow(t - 1.0)
+    return torch.add(cos, 1.0).mul_(0.5).clamp_min_(0.0).pow_(t - 1.0).mul_(t)
+
+
+def _unit_slope(cos: Tensor) -> Tensor:
+    """The straight-through derivative, 1, as a broadcast view (no ``[B, n]`` block to fill)."""
+    return torch.ones((), dtype=cos.dtype, device=cos.device).expand_as(cos)
 
 
 def _straight(cos: Tensor, value: Tensor, straight_through: bool) -> Tensor:
-    return cos + (value - cos).detach() if straight_through else value
+    # Without autograd the straight-through form is the value itself (to rounding).
+    return cos + (value - cos).detach() if straight_through and _tracked(cos) else value
 
 
 def sphereface2_target(
@@ -121,7 +137,7 @@ def sphereface2_non_target(
     """
     value = sphereface2_adjust(cos, t)
     if variant == "C":
-        value = value + margin
+        value = value + margin if _tracked(cos) else value.add_(margin)
     return _straight(cos, value, straight_through)
 
 
@@ -153,8 +169,12 @@ def sphereface2_bias_init(
     else:
         theta = min(math.pi, math.pi / 2.0 + margin)
         a_y, a_i = scale * (2.0 * ((math.cos(theta) + 1.0) / 2.0) ** t - 1.0), scale * base
-    root = math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_y - a_i))
-    return float(math.log(2.0 * z) - a_i - math.log(1.0 - z + root))
+    ratio = 4.0 * z * math.exp(a_y - a_i)
+    root = math.sqrt((1.0 - z) ** 2 + ratio)
+    # 1 - z + root, without the cancellation when z > 1 and the ratio is tiny (lambda near 1
+    # with few classes, or a large scale times margin): then it equals ratio / (root - 1 + z).
+    denominator = 1.0 - z + root if z <= 1.0 else ratio / (root - 1.0 + z)
+    return float(math.log(2.0 * z) - a_i - math.log(denominator))
 
 
 def sphereface2_logits(
@@ -233,7 +253,7 @@ def sphereface2(
         return sphereface2_non_target(cos, margin, t=t, variant=variant, straight_through=straight_through)
 
     def non_target_grad(cos: Tensor, context: MarginContext) -> Tensor:
-        return torch.ones_like(cos) if straight_through else _adjust_slope(cos, t)
+        return _unit_slope(cos) if straight_through else _adjust_slope(cos, t)
 
     def row_loss(target_logit: Tensor, rest: Tensor, rest_sum: Tensor, context: MarginContext) -> Tensor:
         return (loss_weight / scale) * (lambd * softplus(-target_logit) + (1.0 - lambd) * rest)
@@ -401,7 +421,7 @@ class SphereFace2(MarginHead):
         )
 
     def non_target_grad(self, cos: Tensor, context: MarginContext) -> Tensor:
-        return torch.ones_like(cos) if self.straight_through else _adjust_slope(cos, self.t)
+        return _unit_slope(cos) if self.straight_through else _adjust_slope(cos, self.t)
 
     def row_loss(self, target_logit: Tensor, rest: Tensor, rest_sum: Tensor, context: MarginContext) -> Tensor:
         weight = self.loss_weight / float(self.scale)
