@@ -56,6 +56,10 @@ REPO = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
 METHODS = ("marginloss", "plain", "gemm", "logits", "plain_logits")
+# Heads measured only up to a class count by default, and why (``--all-sizes`` lifts it).
+SIZE_LIMITS = {
+    "uniformface": (10_000, "its first step sums the uniform term over all C(C-1) centre pairs (O(C²·D))"),
+}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -94,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plain-max-logits", type=int, default=1 << 28,
                         help="skip the plain formula above this many B*C logits (default 2**28)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--all-sizes", action="store_true",
+                        help="measure every head at every class count (see SIZE_LIMITS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run into a temporary folder")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
@@ -275,7 +281,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if failures:
         lines += ["", "## Failures", ""] + [f"- {r['head']} B={r['batch']} C={r['classes']}: {r['error']}" for r in failures]
     lines += ["", "Ratios divide medians of the same round-robin (see the script's docstring); "
-              "`—`: not measured (the plain formula is skipped above `--plain-max-logits`)."]
+              "`—`: not measured (the plain formula is skipped above `--plain-max-logits`; "
+              + "; ".join(f"{name} above C={_pretty(limit)}: {why}" for name, (limit, why) in SIZE_LIMITS.items())
+              + ")."]
     return "\n".join(lines) + "\n"
 
 
@@ -361,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for batch, dim in shapes:
         for num_classes in classes:
             for name in names:
+                limit = SIZE_LIMITS.get(name)
+                if limit is not None and num_classes > limit[0] and not args.all_sizes:
+                    print(f"{name:18s} B={batch:4d} D={dim:4d} C={_pretty(num_classes):>5s}  skipped: {limit[1]}")
+                    continue
                 result = measure({"head": name, "batch": batch, "dim": dim, "classes": num_classes}, args)
                 results.append(result)
                 t = result["time_ms"]
