@@ -19,7 +19,7 @@ DEMO_DIR ?= runs/demo
 SPHINX   := -m sphinx -n -W --keep-going
 
 .PHONY: demo test test-oldest lint typecheck pytest docs figures figures-check demo-results \
-        mnist-results bench bench-quick dist clean
+        mnist-results bench bench-quick bench-small dist clean
 
 $(VENV)/.created:
 	@echo ">>> creating $(VENV) and installing $(TORCH) (PyPI's build brings its CUDA libraries:"
@@ -103,6 +103,9 @@ bench: $(VENV)/.dev
 
 bench-quick: $(VENV)/.dev
 	$(PY) benchmarks/heads.py --quick
+
+bench-small: $(VENV)/.dev
+	$(PY) benchmarks/small.py
 
 dist: $(VENV)/.dev
 	rm -rf dist
