@@ -73,9 +73,14 @@ def _check_one_step(name: str, head: torch.nn.Module, ignored: bool) -> None:
             assert torch.equal(after_plain, after_head), f"{name} state {key}: {after_plain} != {after_head}"
 
 
+def _builtin_heads() -> list[str]:
+    # Other tests (and the docs' doctests) register their own heads in the same process.
+    return [n for n in marginloss.list_heads() if type(marginloss.create_head(n, D, C)).__module__.startswith("marginloss.")]
+
+
 def test_every_registered_head_is_covered() -> None:
-    assert sorted(PLAIN_FORMULAS) == marginloss.list_heads()
-    for name in marginloss.list_heads():
+    assert sorted(PLAIN_FORMULAS) == _builtin_heads()
+    for name in _builtin_heads():
         assert PLAIN_HEAD_CLASSES[type(marginloss.create_head(name, D, C)).__name__] == name
 
 

@@ -378,7 +378,7 @@ class MarginHead(nn.Module):
             norms = torch.linalg.vector_norm(x, dim=1)
             safe_range = False
             if checked:
-                low, high = (float(v) for v in torch.aminmax(norms))
+                low, high = (float(v) for v in torch.aminmax(norms.detach()))
                 if not math.isfinite(high):
                     V.check_embeddings(embeddings, self.embedding_dim)  # names NaN/inf entries
                 safe_range = _SAFE_NORMS[0] <= low and high <= _SAFE_NORMS[1]
