@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plain-max-logits", type=int, default=1 << 28,
                         help="skip the plain formula above this many B*C logits (default 2**28)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--max-gib", type=float, default=6.0,
+                        help="skip a configuration whose weight, its gradient and the [B, C·K] blocks would "
+                             "exceed this many GiB (default 6)")
     parser.add_argument("--all-sizes", action="store_true",
                         help="measure every head at every class count (see SIZE_LIMITS)")
     parser.add_argument("--seed", type=int, default=0)
@@ -366,12 +369,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="marginloss-small-")) if args.quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    stem = "cpu-small" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
+    from benchmarks import _measure as M
+
+    def report() -> dict[str, Any]:
+        return {
+            "device": "cpu",
+            "command": "python benchmarks/small.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            "commit": _commit(),
+            "marginloss_tree": str(args.marginloss_tree) if args.marginloss_tree else None,
+            "machine": f"{M.cpu_model()}, {os.cpu_count()} logical cores",
+            "threads": torch.get_num_threads(),
+            "results": results,
+        }
+
     for batch, dim in shapes:
         for num_classes in classes:
             for name in names:
                 limit = SIZE_LIMITS.get(name)
                 if limit is not None and num_classes > limit[0] and not args.all_sizes:
                     print(f"{name:18s} B={batch:4d} D={dim:4d} C={_pretty(num_classes):>5s}  skipped: {limit[1]}")
+                    continue
+                rows = num_classes * marginloss.create_head(name, 2, 2).num_subcenters
+                gib = (2 * rows * dim + 4 * batch * rows) * 4 / 2**30
+                if gib > args.max_gib:
+                    print(f"{name:18s} B={batch:4d} D={dim:4d} C={_pretty(num_classes):>5s}  skipped: "
+                          f"about {gib:.1f} GiB above --max-gib {args.max_gib:g}")
                     continue
                 result = measure({"head": name, "batch": batch, "dim": dim, "classes": num_classes}, args)
                 results.append(result)
@@ -380,23 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"  plain {t.get('plain', math.nan):9.3f} ms  ×plain {_cell(result['vs_plain'])}"
                       f"  ×floor {_cell(result['vs_floor'])}  logits ×plain {_cell(result['logits_vs_plain'])}"
                       + (f"  ERROR {result['error']}" if result["error"] else ""), flush=True)
-    from benchmarks import _measure as M
-
-    report = {
-        "device": "cpu",
-        "command": "python benchmarks/small.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "marginloss_tree": str(args.marginloss_tree) if args.marginloss_tree else None,
-        "machine": f"{M.cpu_model()}, {os.cpu_count()} logical cores",
-        "threads": torch.get_num_threads(),
-        "results": results,
-    }
-    stem = "cpu-small" + (f"-{args.tag}" if args.tag else "") + ("-quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    markdown = render_markdown(report)
+                # Written after every configuration: a long run that is stopped keeps what it measured.
+                (out / f"{stem}.json").write_text(json.dumps(report(), indent=1))
+    final = report()
+    (out / f"{stem}.json").write_text(json.dumps(final, indent=1))
+    markdown = render_markdown(final)
     (out / f"{stem}.md").write_text(markdown)
-    render_plot(report, out / f"{stem}.png")
+    render_plot(final, out / f"{stem}.png")
     print(f"wrote {out / stem}.json, .md, .png")
     if not args.quick and not args.no_readme and out.resolve() == DEFAULT_OUT.resolve():
         update_readme(markdown, stem)
