@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if limit is not None and num_classes > limit[0] and not args.all_sizes:
                     print(f"{name:18s} B={batch:4d} D={dim:4d} C={_pretty(num_classes):>5s}  skipped: {limit[1]}")
                     continue
-                rows = num_classes * marginloss.create_head(name, 2, 2).num_subcenters
+                rows = num_classes * marginloss.create_head(name, 8, 64).num_subcenters
                 gib = (2 * rows * dim + 4 * batch * rows) * 4 / 2**30
                 if gib > args.max_gib:
                     print(f"{name:18s} B={batch:4d} D={dim:4d} C={_pretty(num_classes):>5s}  skipped: "

@@ -51,13 +51,13 @@ def test_quick_benchmark_writes_json_markdown_and_plot(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_small_problem_sweep_writes_every_method_and_ratio(tmp_path: Path) -> None:
     command = [
-        sys.executable, str(REPO / "benchmarks" / "small.py"), "--quick", "--heads", "arcface,subcenter_arcface",
+        sys.executable, str(REPO / "benchmarks" / "small.py"), "--quick", "--heads", "adacos,subcenter_arcface",
         "--classes", "10", "--out", str(tmp_path), "--threads", "1",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "cpu-small-quick.json").read_text())
-    assert sorted(r["head"] for r in report["results"]) == ["arcface", "subcenter_arcface"]
+    assert sorted(r["head"] for r in report["results"]) == ["adacos", "subcenter_arcface"]
     for result in report["results"]:
         assert result["error"] is None, result["error"]
         assert set(result["time_ms"]) == {"marginloss", "plain", "gemm", "logits", "plain_logits"}
