@@ -422,70 +422,12 @@ def _target_cosine_backward(
     x, rows = x.to(wide), rows.to(wide)
     x_inv = safe_reciprocal(_row_norms(x, wide))
     w_inv = safe_reciprocal(_row_norms(rows, wide))
-    # Each gradient as a·x + b·w in float64: two passes over [B, D] apiece (the two terms
-    # cancel to O(sin θ) near θ = 0, which float64 resolves).
-    cross = grad_cos * x_inv * w_inv
-    on_x = grad_x_norm * x_inv - grad_cos * cos * x_inv.square()
-    on_w = grad_w_norm * w_inv - grad_cos * cos * w_inv.square()
-    grad_x = torch.mul(rows, cross[:, None]).addcmul_(x, on_x[:, None])
-    grad_w = torch.mul(x, cross[:, None]).addcmul_(rows, on_w[:, None])
+    x_hat, w_hat = x * x_inv[:, None], rows * w_inv[:, None]
+    # (ŵ - cos x̂) as a difference of unit vectors: near θ = 0 and π this gradient is
+    # ill-conditioned, and this order of rounding is the one the references share.
+    grad_x = (grad_cos * x_inv)[:, None] * (w_hat - cos[:, None] * x_hat) + grad_x_norm[:, None] * x_hat
+    grad_w = (grad_cos * w_inv)[:, None] * (x_hat - cos[:, None] * w_hat) + grad_w_norm[:, None] * w_hat
     return grad_x, grad_w
-
-
-class _TargetCosine(torch.autograd.Function):
-    """:func:`_target_cosine` with its closed-form backward (:func:`_target_cosine_backward`):
-    the plain path's target, without autograd through float64 ``[B, K, D]`` operations.
-    A ``create_graph=True`` backward differentiates :func:`_target_cosine` itself."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        owned: Tensor,
-        num_subcenters: int,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.set_materialize_grads(False)
-        cos, x_norm, w_norm, index = _target_cosine(x, weight, labels, owned, num_subcenters)
-        ctx.save_for_backward(x, weight, labels, owned, cos, index)
-        ctx.num_subcenters = num_subcenters  # type: ignore[attr-defined]
-        return cos, x_norm, w_norm
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        grad_cos: Tensor | None,
-        grad_x_norm: Tensor | None,
-        grad_w_norm: Tensor | None,
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, labels, owned, cos, index = ctx.saved_tensors  # type: ignore[attr-defined]
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        grads = (grad_cos, grad_x_norm, grad_w_norm)
-        if torch.is_grad_enabled():
-            # Recompute on the saved inputs themselves, so the graph reaches them.
-            outputs = _target_cosine(x, weight, labels, owned, ctx.num_subcenters)[:3]  # type: ignore[attr-defined]
-            pairs = [(out, g) for out, g in zip(outputs, grads) if g is not None and out.requires_grad]
-            wanted = [t for t, need in zip((x, weight), needs[:2]) if need]
-            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                           create_graph=True, allow_unused=True) if pairs and wanted else ())
-            result = [next(got, None) if need else None for need in needs[:2]]
-            result = [torch.zeros_like(t) if need and r is None else r for r, t, need in zip(result, (x, weight), needs[:2])]
-            return result[0], result[1], None, None, None
-        wide = cos.dtype
-        zero = torch.zeros((), dtype=wide, device=cos.device)
-
-        def masked(grad: Tensor | None) -> Tensor:
-            return torch.zeros_like(cos) if grad is None else torch.where(owned, grad.to(wide), zero)
-
-        grad_x, grad_rows = _target_cosine_backward(
-            x, weight[index], cos, masked(grad_cos),
-            torch.zeros_like(cos) if grad_x_norm is None else grad_x_norm.to(wide), masked(grad_w_norm),
-        )
-        grad_weight = None
-        if needs[1]:
-            grad_weight = torch.zeros_like(weight).index_add_(0, index, grad_rows.to(weight.dtype))
-        return grad_x.to(x.dtype) if needs[0] else None, grad_weight, None, None, None
 
 
 def softmax_row_loss(
@@ -2461,7 +2403,7 @@ def margin_loss(
         )
     elif plain:
         with _autocast_off(x_global.device):
-            cos, x_norm, w_norm = _TargetCosine.apply(x_global, used, local, owned, num_subcenters)
+            cos, x_norm, w_norm, _ = _target_cosine(x_global, used, local, owned, num_subcenters)
             if non_target is not None:
                 run_prepare(cos, x_norm, w_norm)
             stat, rest_sum = _plain_rest(x_global, used, local, owned, scale_value, bias_value, cfg, gemm)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import marginloss
@@ -89,6 +89,13 @@ def _call(head: str, embeddings, weight, labels, hp, **kwargs):
 @given(data=st.data())
 def test_loss_and_gradients_match_reference(head: str, data: st.DataObject) -> None:
     embeddings, weight, labels, hp, reduction, smoothing, chunk, kept_blocks = data.draw(problems(head))
+    # Near θ = 0 and π the margins' gradients are ill-conditioned (d acos/dcos ~ 1/sin θ):
+    # two exact float64 codes that round in a different order differ by ~1e-16/sin²θ there.
+    rows = labels >= 0
+    if bool(rows.any()):
+        target = weight[labels[rows]]
+        cos = torch.nn.functional.cosine_similarity(embeddings[rows], target, dim=1)
+        assume(float((1.0 - cos.square()).min()) > 2e-8)
     x1 = embeddings.clone().requires_grad_()
     w1 = weight.clone().requires_grad_()
     width = chunk if isinstance(chunk, int) else weight.shape[0]
