@@ -1718,10 +1718,22 @@ def _dense_double_backward(
             cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
             stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, used_scale, bias, cfg, gemm)
         outputs = (stat, rest_sum, cos, x_norm, w_norm)
-    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
     inputs = ((0, embeddings), (1, weight)) if wide_gemm else ((0, embeddings), (1, weight), (4, scale), (5, bias))
     candidates = [(i, t) for i, t in inputs if t is not None and needs[i]]
-    result: list[Tensor | None] = [None] * (6 if wide_gemm else 8)
+    return _recomputed_grads(outputs, grads, candidates, 6 if wide_gemm else 8)
+
+
+def _recomputed_grads(
+    outputs: tuple[Tensor, ...],
+    grads: tuple[Tensor | None, ...],
+    candidates: list[tuple[int, Tensor]],
+    count: int,
+) -> tuple[Tensor | None, ...]:
+    """A Function's double-backward result from outputs recomputed with plain autograd:
+    the gradients of ``outputs`` (weighted by ``grads``) for each ``(position, input)``,
+    with a graph, in a tuple of ``count`` entries (None elsewhere)."""
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
+    result: list[Tensor | None] = [None] * count
     if not pairs or not candidates:
         return tuple(result)
     got = torch.autograd.grad(
@@ -1904,23 +1916,9 @@ def _double_backward(
     with _autocast_off(embeddings.device):
         stat, rest_sum = _plain_rest(embeddings, weight, labels, owned, scale, bias_t, cfg, ctx.gemm)
         cos, x_norm, w_norm, _ = _target_cosine(embeddings, weight, labels, owned, cfg.num_subcenters)
-    outputs = (stat, rest_sum, cos, x_norm, w_norm)
-    pairs = [(out, grad) for out, grad in zip(outputs, grads) if grad is not None and out.requires_grad]
     needs = ctx.needs_input_grad
     candidates = [(i, t) for i, t in ((0, embeddings), (1, weight), (4, scale_t), (5, bias_t)) if needs[i]]
-    result: list[Tensor | None] = [None] * 9
-    if not pairs or not candidates:
-        return tuple(result)
-    got = torch.autograd.grad(
-        [out for out, _ in pairs],
-        [t for _, t in candidates],
-        [grad.to(out.dtype) for out, grad in pairs],
-        create_graph=True,
-        allow_unused=True,
-    )
-    for (position, tensor), grad in zip(candidates, got):
-        result[position] = torch.zeros_like(tensor) if grad is None else grad
-    return tuple(result)
+    return _recomputed_grads((stat, rest_sum, cos, x_norm, w_norm), grads, candidates, 9)
 
 
 # ---------------------------------------------------------------- the entry point
